@@ -1,0 +1,225 @@
+"""The local-SSD block cache, on diskcache.
+
+Blocks are stored as ``data || xxh3_64(data) || len(data)``: a truncated or
+corrupted block file fails the check, is deleted and counted, and the caller
+refetches it.  Any failure of the cache itself (full disk, unwritable
+directory, locked database) turns into a miss plus a counter and one warning,
+never into a failed read.  diskcache keeps the index in SQLite, so many
+processes (DataLoader workers, parallel CLI runs) share one directory safely.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import struct
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import diskcache
+import xxhash
+
+from .config import CacheConfig
+
+__all__ = ["BlockCache", "CacheMetrics"]
+
+logger = logging.getLogger(__name__)
+
+_TRAILER = struct.Struct("<QQ")  # checksum, length
+_STATS_KEY_PREFIX = "shoal.stats."
+# After this many consecutive write failures, stop trying to write for a while.
+_FAILURES_BEFORE_BACKOFF = 3
+_WRITE_BACKOFF_PUTS = 256
+
+
+@dataclass
+class CacheMetrics:
+    """Counters of one process; :meth:`BlockCache.persisted_stats` adds all processes'."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_store: int = 0
+    store_requests: int = 0
+    evictions: int = 0
+    corrupt_blocks: int = 0
+    write_failures: int = 0
+    read_failures: int = 0
+    degraded: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    @property
+    def errors(self) -> int:
+        return self.corrupt_blocks + self.write_failures + self.read_failures
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        data["errors"] = data["corrupt_blocks"] + data["write_failures"] + data["read_failures"]
+        return data
+
+
+def _seal(data: bytes) -> bytes:
+    return b"".join((data, _TRAILER.pack(xxhash.xxh3_64_intdigest(data), len(data))))
+
+
+def _unseal(value: bytes | memoryview) -> memoryview | None:
+    view = memoryview(value)
+    if len(view) < _TRAILER.size:
+        return None
+    checksum, length = _TRAILER.unpack(view[-_TRAILER.size :])
+    body = view[: -_TRAILER.size]
+    if length != len(body) or xxhash.xxh3_64_intdigest(body) != checksum:
+        return None
+    return body
+
+
+class BlockCache:
+    """A bounded, checksummed, multi-process key -> block store."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.metrics = CacheMetrics()
+        self._cache: diskcache.Cache | None = None
+        self._stats: diskcache.Cache | None = None
+        self._skip_writes = 0
+        self._consecutive_failures = 0
+        self._warned = False
+        self._flushed: dict[str, int] = {}
+        if not config.enabled:
+            return
+        try:
+            config.directory.mkdir(parents=True, exist_ok=True)
+            self._cache = diskcache.Cache(
+                str(config.directory),
+                size_limit=config.size_limit,
+                # Culling is done by us (cull_limit=0) so evictions can be counted.
+                cull_limit=0,
+                eviction_policy="least-recently-used",
+                statistics=False,
+                timeout=10,
+            )
+            # Counters live apart from the blocks so that eviction never drops them.
+            self._stats = diskcache.Cache(str(config.directory / "stats"), timeout=10)
+        except (OSError, sqlite3.Error) as exc:
+            self._degrade("cannot open cache directory %s (%s); reading through without caching",
+                          config.directory, exc)
+
+    @property
+    def available(self) -> bool:
+        """False when the cache is disabled or could not be opened."""
+        return self._cache is not None
+
+    def _degrade(self, message: str, *args: object) -> None:
+        self.metrics.degraded = True
+        if not self._warned:
+            self._warned = True
+            logger.warning(message, *args)
+        else:
+            logger.debug(message, *args)
+
+    def get(self, key: str) -> memoryview | None:
+        """The block, or None on a miss, a corrupt block or a cache failure."""
+        if self._cache is None:
+            return None
+        try:
+            value = self._cache.get(key, default=None, retry=True)
+        except (OSError, sqlite3.Error) as exc:
+            self.metrics.add(read_failures=1)
+            self._degrade("block cache read failed (%s); reading through", exc)
+            return None
+        if value is None:
+            return None
+        body = _unseal(value)
+        if body is None:
+            self.metrics.add(corrupt_blocks=1)
+            logger.warning("corrupt cache block %s discarded; refetching", key)
+            self.discard(key)
+        return body
+
+    def put(self, key: str, data: bytes) -> bool:
+        """Store a block; returns False (and counts) when the cache cannot take it."""
+        if self._cache is None:
+            return False
+        if self._skip_writes:
+            self._skip_writes -= 1
+            return False
+        try:
+            self._cache.set(key, _seal(data), retry=True)
+            self._consecutive_failures = 0
+            if self._cache.volume() > self.config.size_limit:
+                evicted = self._cache.cull(retry=True)
+                if evicted:
+                    self.metrics.add(evictions=evicted)
+            return True
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            self.metrics.add(write_failures=1)
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= _FAILURES_BEFORE_BACKOFF:
+                self._skip_writes = _WRITE_BACKOFF_PUTS
+                self._consecutive_failures = 0
+            self._degrade("cannot write to the block cache at %s (%s); reading through without caching",
+                          self.config.directory, exc)
+            return False
+
+    def discard(self, key: str) -> None:
+        if self._cache is None:
+            return
+        try:
+            self._cache.delete(key, retry=True)
+        except (OSError, sqlite3.Error):
+            logger.debug("could not delete cache key %s", key)
+
+    def clear(self) -> int:
+        """Remove every block (and the persisted counters); returns blocks removed."""
+        if self._cache is None:
+            return 0
+        if self._stats is not None:
+            self._stats.clear(retry=True)
+        self._flushed = {}
+        return int(self._cache.clear(retry=True))
+
+    def volume(self) -> int:
+        """Bytes on disk used by the cache."""
+        return int(self._cache.volume()) if self._cache is not None else 0
+
+    def entries(self) -> int:
+        return len(self._cache) if self._cache is not None else 0
+
+    def flush_stats(self) -> None:
+        """Add this process's counters (since the last flush) to the shared totals."""
+        if self._stats is None:
+            return
+        current = self.metrics.snapshot()
+        try:
+            for name in ("hits", "misses", "bytes_from_cache", "bytes_from_store", "store_requests",
+                         "evictions", "corrupt_blocks", "write_failures", "read_failures"):
+                delta = current[name] - self._flushed.get(name, 0)
+                if delta:
+                    self._stats.incr(_STATS_KEY_PREFIX + name, delta, default=0, retry=True)
+                self._flushed[name] = current[name]
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            logger.debug("could not persist cache statistics: %s", exc)
+
+    def persisted_stats(self) -> dict[str, int]:
+        """Counters summed over every process that used this directory."""
+        if self._stats is None:
+            return {}
+        out: dict[str, int] = {}
+        for name in ("hits", "misses", "bytes_from_cache", "bytes_from_store", "store_requests",
+                     "evictions", "corrupt_blocks", "write_failures", "read_failures"):
+            out[name] = int(self._stats.get(_STATS_KEY_PREFIX + name, default=0, retry=True))
+        return out
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self.flush_stats()
+            self._cache.close()
+        if self._stats is not None:
+            self._stats.close()

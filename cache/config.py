@@ -1,0 +1,179 @@
+"""Configuration value objects for the storage layer.
+
+Sources are layered in one place, :meth:`CacheConfig.from_env` and
+:meth:`StoreConfig.from_env`: explicit arguments win over ``SHOAL_*`` / ``AWS_*``
+environment variables, which win over defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import StorageConfigError
+
+__all__ = ["CacheConfig", "StoreConfig", "parse_size", "default_cache_dir"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# 4 MiB blocks: measured in benchmarks/bench_cache.py (see benchmarks/RESULTS.md).
+# Smaller blocks multiply GETs (each pays ~27 ms first-byte latency on S3) and
+# cache-index rows; larger blocks over-fetch for projected Parquet columns.
+DEFAULT_BLOCK_SIZE = 4 * MiB
+DEFAULT_CACHE_SIZE = 10 * GiB
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: str | int) -> int:
+    """Parse ``"20GB"``, ``"512MiB"``, ``"4m"`` or a plain byte count."""
+    if isinstance(value, int):
+        if value < 0:
+            raise StorageConfigError(f"size must not be negative: {value}")
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise StorageConfigError(
+            f"invalid size {value!r}: use a number with an optional unit, e.g. 20GB, 512MiB"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def default_cache_dir() -> Path:
+    """Per-user default: ``$XDG_CACHE_HOME/shoal`` or ``~/.cache/shoal``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shoal"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Where the SSD block cache lives and how it behaves.
+
+    ``enabled=False`` reads straight through (used by benchmarks as a baseline).
+    """
+
+    directory: Path = field(default_factory=default_cache_dir)
+    size_limit: int = DEFAULT_CACHE_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE
+    enabled: bool = True
+    #: Largest single GET when adjacent missing blocks are coalesced.
+    max_request_size: int = 16 * MiB
+    #: Concurrent GETs per read and for read-ahead.
+    max_concurrency: int = 16
+    #: Blocks fetched ahead of a sequential reader.
+    readahead_blocks: int = 8
+    #: Decoded blocks kept in process memory (bytes), shared by open files.
+    memory_size: int = 256 * MiB
+    #: Also cache ``file://`` objects (off: a local file is already local).
+    cache_local_files: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", Path(self.directory).expanduser())
+        if self.block_size < 4096 or self.block_size & (self.block_size - 1):
+            raise StorageConfigError(
+                f"block_size must be a power of two >= 4096, got {self.block_size}"
+            )
+        if self.size_limit < self.block_size:
+            raise StorageConfigError("cache size limit must hold at least one block")
+        if self.max_concurrency < 1 or self.readahead_blocks < 0:
+            raise StorageConfigError("max_concurrency must be >= 1 and readahead_blocks >= 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "CacheConfig":
+        """Build from ``SHOAL_CACHE_DIR``, ``SHOAL_CACHE_SIZE``, ``SHOAL_CACHE_BLOCK_SIZE``,
+        ``SHOAL_CACHE`` (``off`` disables), with explicit ``overrides`` winning."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if env.get("SHOAL_CACHE_DIR"):
+            values["directory"] = Path(env["SHOAL_CACHE_DIR"])
+        if env.get("SHOAL_CACHE_SIZE"):
+            values["size_limit"] = parse_size(env["SHOAL_CACHE_SIZE"])
+        if env.get("SHOAL_CACHE_BLOCK_SIZE"):
+            values["block_size"] = parse_size(env["SHOAL_CACHE_BLOCK_SIZE"])
+        if env.get("SHOAL_CACHE", "").lower() in {"off", "0", "false", "no"}:
+            values["enabled"] = False
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("size_limit", "block_size", "max_request_size", "memory_size"):
+            if key in values:
+                values[key] = parse_size(values[key])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "CacheConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """How to reach an S3-compatible object store.
+
+    Unset fields fall back to the standard AWS configuration (environment,
+    profiles, the credential chain) exactly as boto3 resolves it.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    profile: str | None = None
+    anonymous: bool = False
+    #: Seconds to wait for a connection / for a response.
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    #: Attempts for retryable errors (503 SlowDown, resets), with backoff.
+    max_attempts: int = 5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "StoreConfig":
+        """Explicit ``overrides`` win over ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
+        ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` and ``SHOAL_S3_ANONYMOUS``.
+        Keys and profiles are left to botocore's own chain unless given."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {
+            "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            "anonymous": env.get("SHOAL_S3_ANONYMOUS", "").lower() in {"1", "true", "yes"},
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def s3fs_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`s3fs.S3FileSystem`."""
+        options: dict[str, Any] = {"anon": self.anonymous}
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if self.access_key and not self.anonymous:
+            options["key"] = self.access_key
+            options["secret"] = self.secret_key
+            if self.session_token:
+                options["token"] = self.session_token
+        if self.profile and not self.anonymous:
+            options["profile"] = self.profile
+        options["client_kwargs"] = client_kwargs
+        options["config_kwargs"] = {
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+            "retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+        }
+        options["retries"] = self.max_attempts
+        return options
+
+    @property
+    def store_id(self) -> str:
+        """Identity of the store in cache keys: the endpoint (never credentials)."""
+        return self.endpoint_url or f"aws:{self.region or 'default'}"

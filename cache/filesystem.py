@@ -1,0 +1,346 @@
+"""The cached filesystem that DuckDB and pyarrow read through.
+
+:class:`ShoalFileSystem` is an fsspec filesystem over one or more object
+sources (``s3://``, ``memory://``, ``file://``...).  Reads go through a
+:class:`~shoal.cache.reader.BlockReader` (memory, SSD cache, store); listing
+and writes go to the source's own fsspec filesystem.  Register it with DuckDB
+(``con.register_filesystem(fs)``) or hand :meth:`ShoalFileSystem.to_pyarrow`
+to pyarrow: Parquet projection and row-group pruning then fetch only the
+byte ranges they need.
+
+Versions are pinned per *snapshot*: inside ``with fs.snapshot():`` the first
+listing or ``info`` of an object fixes its version, and every later read of it
+in that snapshot is of that version (no torn reads).  Outside a snapshot
+every ``open`` looks the version up afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import logging
+import threading
+from typing import Any, Iterator
+
+from fsspec import AbstractFileSystem
+
+from .config import CacheConfig, StoreConfig
+from .errors import StorageConfigError, translate_store_error
+from .reader import BlockReader
+from .source import ObjectSource, ObjectVersion, open_source, split_url
+
+__all__ = ["ShoalFileSystem", "ShoalFile"]
+
+logger = logging.getLogger(__name__)
+
+_SUPPORTED = ("s3", "s3a", "file", "memory")
+
+
+def _url(protocol: str, path: str) -> str:
+    return f"{protocol}://{path}" if protocol != "file" else path
+
+
+class ShoalFileSystem(AbstractFileSystem):
+    """fsspec filesystem reading object stores through Shoal's block cache.
+
+    Parameters
+    ----------
+    cache:
+        Cache placement and behaviour; default from ``SHOAL_CACHE_*``.
+    store:
+        S3 endpoint and credentials; default from the standard AWS variables.
+    protocols:
+        URL schemes this instance answers to (DuckDB routes by them).
+    """
+
+    cachable = False
+    root_marker = ""
+
+    def __init__(
+        self,
+        *,
+        cache: CacheConfig | None = None,
+        store: StoreConfig | None = None,
+        protocols: tuple[str, ...] = ("s3", "s3a", "memory"),
+        reader: BlockReader | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        unknown = [p for p in protocols if p not in _SUPPORTED]
+        if unknown:
+            raise StorageConfigError(f"unsupported URL scheme(s): {', '.join(unknown)}")
+        self.protocol = tuple(protocols)
+        self.cache_config = cache or CacheConfig.from_env()
+        self.store_config = store or StoreConfig.from_env()
+        self.reader = reader or BlockReader(self.cache_config)
+        self._sources: dict[str, ObjectSource] = {}
+        self._sources_lock = threading.Lock()
+        self._pins: dict[str, ObjectVersion] | None = None
+        self._pins_lock = threading.Lock()
+
+    # -- sources and versions -------------------------------------------------
+
+    def source(self, protocol: str) -> ObjectSource:
+        """The object source for a URL scheme (created on first use)."""
+        protocol = "s3" if protocol == "s3a" else protocol
+        with self._sources_lock:
+            if protocol not in self._sources:
+                self._sources[protocol] = open_source(
+                    protocol, self.store_config, max_concurrency=self.cache_config.max_concurrency
+                )
+            return self._sources[protocol]
+
+    def _split(self, path: str) -> tuple[str, str]:
+        protocol, rest = split_url(path)
+        if "://" not in path:
+            protocol = self.protocol[0] if self.protocol[0] != "memory" or len(self.protocol) == 1 else protocol
+            if protocol in ("s3", "s3a"):
+                rest = rest.lstrip("/")
+        return protocol, rest
+
+    def canonical(self, path: str) -> str:
+        protocol, rest = self._split(path)
+        return _url("s3" if protocol == "s3a" else protocol, rest)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Pin every object version first seen inside the block (one query)."""
+        with self._pins_lock:
+            outer = self._pins
+            self._pins = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            with self._pins_lock:
+                self._pins = outer
+
+    def _pin(self, version: ObjectVersion) -> ObjectVersion:
+        with self._pins_lock:
+            if self._pins is None:
+                return version
+            return self._pins.setdefault(version.url, version)
+
+    def version(self, path: str) -> ObjectVersion:
+        """The (pinned) version of one object."""
+        url = self.canonical(path)
+        with self._pins_lock:
+            pinned = self._pins.get(url) if self._pins is not None else None
+        if pinned is not None:
+            return pinned
+        protocol, _ = self._split(path)
+        return self._pin(self.source(protocol).stat(url))
+
+    def versions(self, pattern: str) -> list[ObjectVersion]:
+        """Objects matching a glob / prefix / path, pinned."""
+        protocol, _ = self._split(pattern)
+        return [self._pin(v) for v in self.source(protocol).glob(self.canonical(pattern))]
+
+    # -- fsspec API -------------------------------------------------------------
+
+    def _info_dict(self, version: ObjectVersion) -> dict[str, Any]:
+        return {"name": version.url, "size": version.size, "type": "file", "ETag": version.etag,
+                "mtime": version.mtime}
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        protocol, rest = self._split(path)
+        try:
+            return self._info_dict(self.version(path))
+        except FileNotFoundError:
+            fs = self.source(protocol).fs
+            try:
+                info = fs.info(rest)
+            except Exception as exc:  # noqa: BLE001
+                raise translate_store_error(exc, self.canonical(path)) from exc
+            return {**info, "name": _url(protocol, info["name"])}
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        protocol, rest = self._split(path)
+        try:
+            entries = self.source(protocol).fs.ls(rest, detail=True)
+        except Exception as exc:  # noqa: BLE001
+            raise translate_store_error(exc, self.canonical(path)) from exc
+        out = []
+        for entry in entries:
+            entry = {**entry, "name": _url(protocol, entry["name"])}
+            out.append(entry)
+        return out if detail else [e["name"] for e in out]
+
+    def glob(self, path: str, maxdepth: int | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        versions = self.versions(path)
+        if kwargs.get("detail"):
+            return {v.url: self._info_dict(v) for v in versions}
+        return [v.url for v in versions]
+
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        protocol, rest = self._split(path)
+        try:
+            return bool(self.source(protocol).fs.exists(rest))
+        except Exception as exc:  # noqa: BLE001
+            raise translate_store_error(exc, self.canonical(path)) from exc
+
+    def modified(self, path: str) -> datetime.datetime:
+        """Last-modified time (DuckDB asks for it); epoch 0 where the store has none."""
+        mtime = self.version(path).mtime or 0.0
+        return datetime.datetime.fromtimestamp(mtime, tz=datetime.timezone.utc)
+
+    created = modified
+
+    def size(self, path: str) -> int:
+        return self.version(path).size
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        version = self.version(path)
+        protocol, _ = self._split(path)
+        start = 0 if start is None else (start if start >= 0 else version.size + start)
+        end = version.size if end is None else (end if end >= 0 else version.size + end)
+        return self.reader.read(self.source(protocol), version, start, end)
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        protocol, rest = self._split(path)
+        if "r" in mode:
+            version = self.version(path)
+            return ShoalFile(self, self.source(protocol), version)
+        # Writes go straight to the store; the new object gets a new version key.
+        with self._pins_lock:
+            if self._pins is not None:
+                self._pins.pop(self.canonical(path), None)
+        fs = self.source(protocol).fs
+        try:
+            if protocol == "file":
+                fs.makedirs(fs._parent(rest), exist_ok=True)
+            return fs.open(rest, mode, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise translate_store_error(exc, self.canonical(path)) from exc
+
+    def rm_file(self, path: str) -> None:
+        protocol, rest = self._split(path)
+        self.source(protocol).fs.rm_file(rest)
+
+    def rm(self, path: str, recursive: bool = False, maxdepth: int | None = None) -> None:
+        protocol, rest = self._split(path)
+        self.source(protocol).fs.rm(rest, recursive=recursive, maxdepth=maxdepth)
+
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        protocol, rest = self._split(path)
+        if protocol == "file":
+            self.source(protocol).fs.makedirs(rest, exist_ok=True)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.mkdir(path)
+
+    def to_pyarrow(self) -> Any:
+        """This filesystem as a ``pyarrow.fs.FileSystem``."""
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return PyFileSystem(FSSpecHandler(self))
+
+    def stats(self) -> dict[str, Any]:
+        """Cache metrics of this process plus the cache's size on disk."""
+        data = self.reader.metrics.snapshot()
+        data.update(
+            directory=str(self.cache_config.directory),
+            size_limit=self.cache_config.size_limit,
+            block_size=self.cache_config.block_size,
+            volume=self.reader.cache.volume(),
+            enabled=self.reader.cache.available,
+        )
+        return data
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class ShoalFile(io.RawIOBase):
+    """A read-only, seekable file over one pinned object version.
+
+    The position is per thread: DuckDB shares one handle between its threads
+    and calls ``seek`` then ``read`` without holding a lock across both (the
+    GIL is released while a read waits on the store), so a shared position
+    would let one thread read at another thread's offset.
+    """
+
+    def __init__(self, fs: ShoalFileSystem, source: ObjectSource, version: ObjectVersion) -> None:
+        super().__init__()
+        self.fs = fs
+        self.source = source
+        self.version = version
+        self.path = version.url
+        self.size = version.size
+        self._position = threading.local()
+        self._sequential_end = -1
+        self._streak = 0
+        self._prefetched_to = -1
+
+    @property
+    def loc(self) -> int:
+        return getattr(self._position, "loc", 0)
+
+    @loc.setter
+    def loc(self, value: int) -> None:
+        self._position.loc = value
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.loc
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self.loc + offset
+        elif whence == io.SEEK_END:
+            target = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if target < 0:
+            raise ValueError("negative seek position")
+        self.loc = target
+        return self.loc
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        end = self.size if size is None or size < 0 else min(self.loc + size, self.size)
+        if end <= self.loc:
+            return b""
+        start = self.loc
+        self._note_access(start, end)
+        data = self.fs.reader.read(self.source, self.version, start, end)
+        self.loc = end
+        return data
+
+    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def _note_access(self, start: int, end: int) -> None:
+        """Detect a sequential reader and keep ``readahead_blocks`` in flight ahead of it."""
+        depth = self.fs.cache_config.readahead_blocks
+        if depth == 0:
+            return
+        self._streak = self._streak + 1 if start == self._sequential_end else 0
+        self._sequential_end = end
+        if self._streak < 1 and start != 0:
+            return
+        bs = self.fs.cache_config.block_size
+        next_block = (end + bs - 1) // bs
+        if next_block + depth <= self._prefetched_to:
+            return
+        first = max(next_block, self._prefetched_to)
+        target = next_block + depth
+        self.fs.reader.prefetch(self.source, self.version, first, target - first)
+        self._prefetched_to = target
+
+    def __enter__(self) -> "ShoalFile":
+        return self

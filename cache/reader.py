@@ -1,0 +1,290 @@
+"""Reading byte ranges of pinned object versions, block by block.
+
+Tiers, in order: decoded blocks in process memory, the SSD
+:class:`~shoal.cache.blockcache.BlockCache`, then the object store.  Missing
+blocks that touch each other are coalesced into one GET of at most
+``max_request_size``; the GETs of one read run concurrently; a block already
+being fetched by another thread is waited for, never fetched twice.
+Sequential readers get read-ahead (see :meth:`BlockReader.prefetch`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .blockcache import BlockCache
+from .config import CacheConfig
+from .source import ObjectSource, ObjectVersion
+
+__all__ = ["BlockReader", "IOLedger"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_PENDING_WRITE_BYTES = 256 << 20
+
+
+@dataclass
+class UrlIO:
+    """Bytes and requests for one object, by tier."""
+
+    bytes_from_memory: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_store: int = 0
+    store_requests: int = 0
+    blocks_hit: int = 0
+    blocks_missed: int = 0
+
+
+class IOLedger:
+    """Per-object I/O counters; the engine diffs snapshots to report per-table I/O."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_url: dict[str, UrlIO] = defaultdict(UrlIO)
+
+    def add(self, url: str, **deltas: int) -> None:
+        with self._lock:
+            entry = self._by_url[url]
+            for name, delta in deltas.items():
+                setattr(entry, name, getattr(entry, name) + delta)
+
+    def snapshot(self) -> dict[str, UrlIO]:
+        with self._lock:
+            return {url: UrlIO(**vars(io)) for url, io in self._by_url.items()}
+
+
+class _MemoryBlocks:
+    """A small LRU of verified blocks, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._blocks: OrderedDict[str, bytes | memoryview] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | memoryview | None:
+        with self._lock:
+            block = self._blocks.get(key)
+            if block is not None:
+                self._blocks.move_to_end(key)
+            return block
+
+    def put(self, key: str, block: bytes | memoryview) -> None:
+        if len(block) > self.capacity:
+            return
+        with self._lock:
+            old = self._blocks.pop(key, None)
+            if old is not None:
+                self._size -= len(old)
+            self._blocks[key] = block
+            self._size += len(block)
+            while self._size > self.capacity and self._blocks:
+                _, evicted = self._blocks.popitem(last=False)
+                self._size -= len(evicted)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+            self._size = 0
+
+
+class BlockReader:
+    """Serves ``read(version, start, end)`` from memory, SSD cache, or the store."""
+
+    def __init__(self, config: CacheConfig, cache: BlockCache | None = None) -> None:
+        self.config = config
+        self.cache = cache if cache is not None else BlockCache(config)
+        self.metrics = self.cache.metrics
+        self.ledger = IOLedger()
+        self._memory = _MemoryBlocks(config.memory_size)
+        self._init_threads()
+        os.register_at_fork(after_in_child=self._init_threads)
+
+    def _init_threads(self) -> None:
+        # After a fork (DataLoader workers) the parent's threads are gone: start clean.
+        self._inflight: dict[str, Future[bytes | memoryview]] = {}
+        self._pending_write_bytes = 0
+        self._lock = threading.Lock()
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shoal-readahead")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-cache-writer")
+
+    # -- keys ---------------------------------------------------------------
+
+    def _object_key(self, source: ObjectSource, version: ObjectVersion) -> str:
+        identity = "\0".join(
+            (source.store_id, version.url, version.token, str(version.size), str(self.config.block_size))
+        )
+        return hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
+
+    # -- public -------------------------------------------------------------
+
+    def read(self, source: ObjectSource, version: ObjectVersion, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``version`` (clamped to the object's size)."""
+        end = min(end, version.size)
+        if end <= start:
+            return b""
+        bs = self.config.block_size
+        first, last = start // bs, (end - 1) // bs
+        blocks = self._resolve(source, version, range(first, last + 1), wait=True)
+        if first == last:
+            offset = first * bs
+            return bytes(blocks[first][start - offset : end - offset])
+        parts = []
+        for index in range(first, last + 1):
+            block = blocks[index]
+            lo = max(start - index * bs, 0)
+            hi = min(end - index * bs, len(block))
+            parts.append(block[lo:hi])
+        return b"".join(parts)
+
+    def prefetch(self, source: ObjectSource, version: ObjectVersion, first_block: int, count: int) -> None:
+        """Start fetching ``count`` blocks from ``first_block`` in the background."""
+        last = min(first_block + count, self.num_blocks(version))
+        if first_block >= last:
+            return
+        self._prefetch_pool.submit(self._prefetch_quietly, source, version, range(first_block, last))
+
+    def num_blocks(self, version: ObjectVersion) -> int:
+        bs = self.config.block_size
+        return (version.size + bs - 1) // bs
+
+    def drop_memory(self) -> None:
+        """Forget blocks held in memory (benchmarks use this to measure the SSD tier)."""
+        self._memory.clear()
+
+    # -- internals ----------------------------------------------------------
+
+    def _prefetch_quietly(self, source: ObjectSource, version: ObjectVersion, indices: range) -> None:
+        try:
+            self._resolve(source, version, indices, wait=False)
+        except Exception as exc:  # noqa: BLE001 - a failed read-ahead is retried by the real read
+            logger.debug("read-ahead of %s failed: %s", version.url, exc)
+
+    def _resolve(
+        self, source: ObjectSource, version: ObjectVersion, indices: Iterable[int], *, wait: bool
+    ) -> dict[int, bytes | memoryview]:
+        object_key = self._object_key(source, version)
+        found: dict[int, bytes | memoryview] = {}
+        waiting: dict[int, Future[bytes | memoryview]] = {}
+        to_fetch: list[int] = []
+        owned: dict[int, Future[bytes | memoryview]] = {}
+        for index in indices:
+            key = f"{object_key}:{index}"
+            block = self._memory.get(key)
+            if block is not None:
+                found[index] = block
+                self.ledger.add(version.url, bytes_from_memory=len(block))
+                continue
+            with self._lock:
+                future = self._inflight.get(key)
+                if future is None:
+                    future = Future()
+                    self._inflight[key] = future
+                    owned[index] = future
+            if index not in owned:
+                waiting[index] = future
+                continue
+            block = self.cache.get(key)
+            if block is not None:
+                self.metrics.add(hits=1, bytes_from_cache=len(block))
+                self.ledger.add(version.url, bytes_from_cache=len(block), blocks_hit=1)
+                self._finish(key, owned.pop(index), block)
+                found[index] = block
+            else:
+                to_fetch.append(index)
+        if to_fetch:
+            try:
+                fetched = self._fetch_blocks(source, version, to_fetch)
+            except BaseException as exc:
+                for index in to_fetch:
+                    self._fail(f"{object_key}:{index}", owned[index], exc)
+                raise
+            for index, block in fetched.items():
+                key = f"{object_key}:{index}"
+                self._finish(key, owned[index], block)
+                found[index] = block
+                self._write_behind(key, block)
+        if wait:
+            retry: list[int] = []
+            for index, future in waiting.items():
+                if future.exception() is None:
+                    found[index] = future.result()
+                else:  # another reader's (read-ahead) fetch failed: try once ourselves
+                    retry.append(index)
+            if retry:
+                found.update(self._resolve(source, version, retry, wait=True))
+        return found
+
+    def _write_behind(self, key: str, block: bytes) -> None:
+        """Write to SSD off the read path; past the pending cap, write inline (backpressure)."""
+        with self._lock:
+            inline = self._pending_write_bytes + len(block) > _MAX_PENDING_WRITE_BYTES
+            if not inline:
+                self._pending_write_bytes += len(block)
+        if inline:
+            self.cache.put(key, block)
+            return
+
+        def write() -> None:
+            try:
+                self.cache.put(key, block)
+            finally:
+                with self._lock:
+                    self._pending_write_bytes -= len(block)
+
+        self._writer.submit(write)
+
+    def flush(self) -> None:
+        """Wait until blocks fetched so far are written to the SSD cache."""
+        self._writer.submit(lambda: None).result()
+
+    def _finish(self, key: str, future: Future, block: bytes | memoryview) -> None:
+        self._memory.put(key, block)
+        with self._lock:
+            self._inflight.pop(key, None)
+        future.set_result(block)
+
+    def _fail(self, key: str, future: Future, exc: BaseException) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+        future.set_exception(exc)
+
+    def _fetch_blocks(self, source: ObjectSource, version: ObjectVersion, indices: Sequence[int]) -> dict[int, bytes]:
+        """One concurrent batch of GETs for the missing blocks, coalescing neighbours."""
+        bs = self.config.block_size
+        per_request = max(1, self.config.max_request_size // bs)
+        runs: list[list[int]] = []
+        for index in sorted(indices):
+            if runs and index == runs[-1][-1] + 1 and len(runs[-1]) < per_request:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        ranges = [(run[0] * bs, min((run[-1] + 1) * bs, version.size)) for run in runs]
+        payloads = source.fetch(version, ranges)
+        out: dict[int, bytes] = {}
+        total = 0
+        for run, payload in zip(runs, payloads):
+            total += len(payload)
+            if len(run) == 1:
+                out[run[0]] = payload
+                continue
+            view = memoryview(payload)
+            for n, index in enumerate(run):
+                out[index] = bytes(view[n * bs : (n + 1) * bs])
+        self.metrics.add(misses=len(indices), bytes_from_store=total, store_requests=len(ranges))
+        self.ledger.add(version.url, bytes_from_store=total, store_requests=len(ranges),
+                        blocks_missed=len(indices))
+        return out
+
+    def close(self) -> None:
+        self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
+        self.flush()
+        self._writer.shutdown(wait=True)
+        self.cache.close()
