@@ -1,4 +1,5 @@
-"""Object-store latency profiles for the benchmark S3 proxy (``s3proxy.py``).
+"""What the benchmark S3 proxy (``s3proxy.py``) injects: latency profiles,
+fault settings and the bandwidth pacer.
 
 The numbers come from ``shared/BENCHMARKING.md`` and section 2 of
 ``shared/research/perf_anchors.md``.  They are a fit to published
@@ -19,8 +20,11 @@ from typing import Any
 
 MiB = 1 << 20
 
-#: Fault kinds understood by the proxy (see ``FaultConfig`` in ``s3proxy.py``).
+#: Fault kinds understood by the proxy, in the order their rates are stacked.
 FAULT_KINDS: tuple[str, ...] = ("slowdown", "reset", "truncate", "stall")
+
+#: Pacing granularity and token-bucket depth in bytes (~1 ms at 60 MiB/s).
+PACE = 64 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +110,68 @@ class LatencyProfile:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form, for benchmark reports."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultConfig:
+    """Injected fault rates: probabilities per request, disjoint, sum <= 1.
+
+    Attributes:
+        slowdown_rate: answer ``503 SlowDown`` without contacting upstream.
+        reset_rate: send ``body_fraction`` of the body, then a TCP reset.
+        truncate_rate: send ``body_fraction`` of the body, then a clean close.
+        stall_rate: wait ``stall_s`` more before the first response byte.
+        stall_s: length of a stall in seconds.
+        body_fraction: where resets and truncations cut the body.
+        only_get: inject faults (the profile's errors too) on GETs only.
+    """
+
+    slowdown_rate: float = 0.0
+    reset_rate: float = 0.0
+    truncate_rate: float = 0.0
+    stall_rate: float = 0.0
+    stall_s: float = 10.0
+    body_fraction: float = 0.5
+    only_get: bool = False
+
+    def __post_init__(self) -> None:
+        rates = [getattr(self, f"{kind}_rate") for kind in FAULT_KINDS]
+        if any(r < 0 for r in rates) or sum(rates) > 1.0 + 1e-9:
+            raise ValueError("fault rates must be >= 0 and sum to <= 1")
+        if not 0.0 <= self.body_fraction <= 1.0 or self.stall_s < 0:
+            raise ValueError("body_fraction must be in [0, 1] and stall_s >= 0")
+
+    def draw(self, rng: random.Random, method: bytes, profile: LatencyProfile) -> str | None:
+        """Pick this request's fault kind, or None (consumes RNG draws)."""
+        if self.only_get and method != b"GET":
+            return None
+        u, acc = rng.random(), 0.0
+        for kind in FAULT_KINDS:
+            acc += getattr(self, f"{kind}_rate")
+            if u < acc:
+                return kind
+        if profile.error_rate and rng.random() < profile.error_rate:
+            return rng.choice(profile.error_kinds)
+        return None
+
+
+class Pacer:
+    """Token bucket (``PACE`` bytes deep) in GCRA form.
+
+    ``tat`` is when the bucket would be full again.  Keeping virtual time
+    instead of sleeping a fixed amount per chunk keeps the long-run rate exact
+    although asyncio sleeps are coarse (~1 ms).
+    """
+
+    __slots__ = ("tat",)
+
+    def __init__(self) -> None:
+        self.tat = 0.0
+
+    def delay(self, n: int, rate: float, now: float) -> float:
+        """Reserve ``n`` bytes at ``rate`` bytes/s; return seconds to wait first."""
+        self.tat = max(self.tat, now) + n / rate
+        return self.tat - now - PACE / rate
 
 
 _S3_TAIL = ((0.029, 0.200, 0.600), (0.001, 2.0, 5.0))

@@ -108,6 +108,8 @@ class BlockCache:
             # Counters live apart from the blocks so that eviction never drops them.
             self._stats = diskcache.Cache(str(config.directory / "stats"), timeout=10)
         except (OSError, sqlite3.Error) as exc:
+            self._cache = None
+            self.metrics.add(write_failures=1)
             self._degrade("cannot open cache directory %s (%s); reading through without caching",
                           config.directory, exc)
 

@@ -170,7 +170,6 @@ class StoreConfig:
             "read_timeout": self.read_timeout,
             "retries": {"max_attempts": self.max_attempts, "mode": "standard"},
         }
-        options["retries"] = self.max_attempts
         return options
 
     @property

@@ -17,16 +17,17 @@ every ``open`` looks the version up afresh.
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime
 import io
 import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from fsspec import AbstractFileSystem
 
 from .config import CacheConfig, StoreConfig
-from .errors import StorageConfigError, translate_store_error
+from .errors import StorageConfigError, StorageError, translate_store_error
 from .reader import BlockReader
 from .source import ObjectSource, ObjectVersion, open_source, split_url
 
@@ -39,6 +40,18 @@ _SUPPORTED = ("s3", "s3a", "file", "memory")
 
 def _url(protocol: str, path: str) -> str:
     return f"{protocol}://{path}" if protocol != "file" else path
+
+
+def _recorded(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(self: "ShoalFileSystem", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StorageError as exc:
+            self.record_error(exc)
+            raise
+
+    return wrapper
 
 
 class ShoalFileSystem(AbstractFileSystem):
@@ -78,6 +91,7 @@ class ShoalFileSystem(AbstractFileSystem):
         self._sources_lock = threading.Lock()
         self._pins: dict[str, ObjectVersion] | None = None
         self._pins_lock = threading.Lock()
+        self._last_error: StorageError | None = None
 
     # -- sources and versions -------------------------------------------------
 
@@ -92,12 +106,8 @@ class ShoalFileSystem(AbstractFileSystem):
             return self._sources[protocol]
 
     def _split(self, path: str) -> tuple[str, str]:
-        protocol, rest = split_url(path)
-        if "://" not in path:
-            protocol = self.protocol[0] if self.protocol[0] != "memory" or len(self.protocol) == 1 else protocol
-            if protocol in ("s3", "s3a"):
-                rest = rest.lstrip("/")
-        return protocol, rest
+        # A path without a scheme is a local file, as everywhere else in Shoal.
+        return split_url(path)
 
     def canonical(self, path: str) -> str:
         protocol, rest = self._split(path)
@@ -114,6 +124,23 @@ class ShoalFileSystem(AbstractFileSystem):
         finally:
             with self._pins_lock:
                 self._pins = outer
+
+    def pin(self, version: ObjectVersion) -> ObjectVersion:
+        """Pin a version learnt elsewhere (a worker's task) in the current snapshot."""
+        return self._pin(version)
+
+    # DuckDB calls this filesystem from its own threads and wraps whatever we
+    # raise in its own exception type; the engine asks here for the original.
+    def record_error(self, exc: BaseException) -> None:
+        if isinstance(exc, StorageError):
+            with self._pins_lock:
+                self._last_error = exc
+
+    def take_error(self) -> StorageError | None:
+        """The last storage error raised to a caller (and forget it)."""
+        with self._pins_lock:
+            exc, self._last_error = self._last_error, None
+        return exc
 
     def _pin(self, version: ObjectVersion) -> ObjectVersion:
         with self._pins_lock:
@@ -142,6 +169,7 @@ class ShoalFileSystem(AbstractFileSystem):
         return {"name": version.url, "size": version.size, "type": "file", "ETag": version.etag,
                 "mtime": version.mtime}
 
+    @_recorded
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         protocol, rest = self._split(path)
         try:
@@ -154,6 +182,7 @@ class ShoalFileSystem(AbstractFileSystem):
                 raise translate_store_error(exc, self.canonical(path)) from exc
             return {**info, "name": _url(protocol, info["name"])}
 
+    @_recorded
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         protocol, rest = self._split(path)
         try:
@@ -166,12 +195,14 @@ class ShoalFileSystem(AbstractFileSystem):
             out.append(entry)
         return out if detail else [e["name"] for e in out]
 
+    @_recorded
     def glob(self, path: str, maxdepth: int | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         versions = self.versions(path)
         if kwargs.get("detail"):
             return {v.url: self._info_dict(v) for v in versions}
         return [v.url for v in versions]
 
+    @_recorded
     def exists(self, path: str, **kwargs: Any) -> bool:
         protocol, rest = self._split(path)
         try:
@@ -179,16 +210,20 @@ class ShoalFileSystem(AbstractFileSystem):
         except Exception as exc:  # noqa: BLE001
             raise translate_store_error(exc, self.canonical(path)) from exc
 
+    @_recorded
     def modified(self, path: str) -> datetime.datetime:
         """Last-modified time (DuckDB asks for it); epoch 0 where the store has none."""
         mtime = self.version(path).mtime or 0.0
         return datetime.datetime.fromtimestamp(mtime, tz=datetime.timezone.utc)
 
-    created = modified
+    def created(self, path: str) -> datetime.datetime:
+        return self.modified(path)
 
+    @_recorded
     def size(self, path: str) -> int:
         return self.version(path).size
 
+    @_recorded
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         version = self.version(path)
         protocol, _ = self._split(path)
@@ -196,6 +231,7 @@ class ShoalFileSystem(AbstractFileSystem):
         end = version.size if end is None else (end if end >= 0 else version.size + end)
         return self.reader.read(self.source(protocol), version, start, end)
 
+    @_recorded
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
         protocol, rest = self._split(path)
         if "r" in mode:
@@ -311,7 +347,11 @@ class ShoalFile(io.RawIOBase):
             return b""
         start = self.loc
         self._note_access(start, end)
-        data = self.fs.reader.read(self.source, self.version, start, end)
+        try:
+            data = self.fs.reader.read(self.source, self.version, start, end)
+        except StorageError as exc:
+            self.fs.record_error(exc)
+            raise
         self.loc = end
         return data
 

@@ -104,6 +104,7 @@ class BlockReader:
         self.metrics = self.cache.metrics
         self.ledger = IOLedger()
         self._memory = _MemoryBlocks(config.memory_size)
+        self._closed = False
         self._init_threads()
         os.register_at_fork(after_in_child=self._init_threads)
 
@@ -130,6 +131,11 @@ class BlockReader:
         end = min(end, version.size)
         if end <= start:
             return b""
+        if not self._caches(source):
+            data = source.fetch(version, [(start, end)])[0]
+            self.metrics.add(bytes_from_store=len(data), store_requests=1)
+            self.ledger.add(version.url, bytes_from_store=len(data), store_requests=1)
+            return data
         bs = self.config.block_size
         first, last = start // bs, (end - 1) // bs
         blocks = self._resolve(source, version, range(first, last + 1), wait=True)
@@ -146,6 +152,8 @@ class BlockReader:
 
     def prefetch(self, source: ObjectSource, version: ObjectVersion, first_block: int, count: int) -> None:
         """Start fetching ``count`` blocks from ``first_block`` in the background."""
+        if not self._caches(source):
+            return
         last = min(first_block + count, self.num_blocks(version))
         if first_block >= last:
             return
@@ -160,6 +168,10 @@ class BlockReader:
         self._memory.clear()
 
     # -- internals ----------------------------------------------------------
+
+    def _caches(self, source: ObjectSource) -> bool:
+        """Local files are read in place unless ``cache_local_files`` asks otherwise."""
+        return self.config.cache_local_files or source.store_id != "file"
 
     def _prefetch_quietly(self, source: ObjectSource, version: ObjectVersion, indices: range) -> None:
         try:
@@ -284,6 +296,9 @@ class BlockReader:
         return out
 
     def close(self) -> None:
+        if self._closed:  # idempotent, like file objects
+            return
+        self._closed = True
         self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
         self.flush()
         self._writer.shutdown(wait=True)

@@ -52,12 +52,8 @@ class S3Endpoint:
 
     def storage_options(self) -> dict[str, Any]:
         """s3fs / fsspec options: ``s3fs.S3FileSystem(**ep.storage_options())``."""
-        return {
-            "endpoint_url": self.endpoint_url,
-            "key": self.access_key,
-            "secret": self.secret_key,
-            "client_kwargs": {"region_name": self.region},
-        }
+        return {"endpoint_url": self.endpoint_url, "key": self.access_key,
+                "secret": self.secret_key, "client_kwargs": {"region_name": self.region}}
 
     def boto3_client(self, **config: Any) -> Any:
         """A boto3 S3 client (path-style, SigV4) for test setup and checks.
@@ -67,19 +63,13 @@ class S3Endpoint:
         ``config`` entries override the botocore :class:`Config` defaults.
         """
         cfg: dict[str, Any] = {
-            "signature_version": "s3v4",
-            "s3": {"addressing_style": "path"},
+            "signature_version": "s3v4", "s3": {"addressing_style": "path"},
             "retries": {"max_attempts": 3, "mode": "standard"},
-            "connect_timeout": 5,
-            "read_timeout": 30,
+            "connect_timeout": 5, "read_timeout": 30, **config,
         }
-        cfg.update(config)
         return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
             config=Config(**cfg),
         )
 
@@ -100,12 +90,12 @@ def free_port() -> int:
 
 
 def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((LOOPBACK, port))
-        except OSError:
-            return False
-        return True
+    except OSError:
+        return False
+    return True
 
 
 def _free_weed_ports(count: int) -> list[int]:
@@ -124,9 +114,7 @@ def _free_weed_ports(count: int) -> list[int]:
     for _ in range(2000):
         p = random.randrange(lo, hi)
         taken = {q for c in chosen for q in (c, c + GRPC_OFFSET)}
-        if {p, p + GRPC_OFFSET} & taken:
-            continue
-        if _port_is_free(p) and _port_is_free(p + GRPC_OFFSET):
+        if not {p, p + GRPC_OFFSET} & taken and _port_is_free(p) and _port_is_free(p + GRPC_OFFSET):
             chosen.append(p)
             if len(chosen) == count:
                 return chosen
@@ -146,24 +134,18 @@ def empty_bucket(client: Any, name: str) -> None:
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=name):
         for up in page.get("Uploads", []):
             client.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
-    try:
-        pages = list(client.get_paginator("list_object_versions").paginate(Bucket=name))
-        batches = [
-            [{"Key": o["Key"], "VersionId": o["VersionId"]}
-             for o in p.get("Versions", []) + p.get("DeleteMarkers", [])]
-            for p in pages
-        ]
+    batches: list[list[dict[str, str]]] = []
+    try:  # all versions and delete markers, in case versioning was enabled
+        for p in client.get_paginator("list_object_versions").paginate(Bucket=name):
+            batches.append([{"Key": o["Key"], "VersionId": o["VersionId"]}
+                            for o in p.get("Versions", []) + p.get("DeleteMarkers", [])])
     except ClientError as exc:  # a server without versioning support
         logger.debug("list_object_versions failed (%s); using list_objects_v2", exc)
-        batches = []
     if not any(batches):
-        batches = [
-            [{"Key": o["Key"]} for o in p.get("Contents", [])]
-            for p in client.get_paginator("list_objects_v2").paginate(Bucket=name)
-        ]
-    for batch in batches:
-        if batch:  # pages hold at most 1000 keys, the DeleteObjects limit
-            client.delete_objects(Bucket=name, Delete={"Objects": batch, "Quiet": True})
+        batches = [[{"Key": o["Key"]} for o in p.get("Contents", [])]
+                   for p in client.get_paginator("list_objects_v2").paginate(Bucket=name)]
+    for batch in filter(None, batches):  # pages hold <= 1000 keys, the DeleteObjects limit
+        client.delete_objects(Bucket=name, Delete={"Objects": batch, "Quiet": True})
 
 
 def empty_and_delete_bucket(client: Any, name: str, timeout: float = 10.0) -> None:
@@ -205,13 +187,6 @@ def _wait_for_s3(endpoint: S3Endpoint, timeout: float, proc: subprocess.Popen[by
     raise TimeoutError(f"{endpoint.name} did not answer S3 within {timeout:.0f}s: {last!r}")
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
-
-
 def start_seaweedfs(
     workdir: str | os.PathLike[str], timeout: float = 60.0, attempts: int = 3
 ) -> tuple[S3Endpoint, StopFn]:
@@ -240,8 +215,7 @@ def start_seaweedfs(
     config.chmod(0o600)
     last_error: Exception | None = None
     for attempt in range(1, attempts + 1):
-        master, volume, filer, s3 = _free_weed_ports(4)
-        ports = (master, volume, filer, s3)
+        ports = master, volume, filer, s3 = _free_weed_ports(4)
         cmd = [
             weed, "server", f"-dir={workdir / 'data'}",
             f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
@@ -270,7 +244,8 @@ def start_seaweedfs(
         except (RuntimeError, TimeoutError) as exc:
             stop()
             last_error = exc
-            logger.warning("seaweedfs attempt %d failed: %s\n%s", attempt, exc, _tail(log_path))
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+            logger.warning("seaweedfs attempt %d failed: %s\n%s", attempt, exc, tail)
             continue
         logger.info("seaweedfs up at %s in %.1fs (pid %d, log %s)",
                     endpoint.endpoint_url, time.monotonic() - started, proc.pid, log_path)
@@ -287,10 +262,9 @@ def _make_weed_stop(proc: subprocess.Popen[bytes], log: Any, ports: tuple[int, .
             for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)):
                 try:
                     os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
                     proc.wait(timeout=wait)
+                    break
+                except ProcessLookupError:
                     break
                 except subprocess.TimeoutExpired:
                     continue
@@ -323,16 +297,12 @@ def start_moto() -> tuple[S3Endpoint, StopFn]:
     host, port = server.get_host_and_port()
     endpoint = S3Endpoint("moto", f"http://{host}:{port}", "testing", "testing")
     _wait_for_s3(endpoint, 30.0, None)
-    stopped = False
 
     def stop() -> None:
-        nonlocal stopped
-        if not stopped:
-            stopped = True
+        if getattr(server, "_server", None) is not None:
             server.stop()
-            inner = getattr(server, "_server", None)
-            if inner is not None:
-                inner.server_close()
+            server._server.server_close()  # type: ignore[union-attr]
+            server._server = None
             logger.info("moto at %s stopped", endpoint.endpoint_url)
 
     logger.info("moto up at %s", endpoint.endpoint_url)
@@ -346,10 +316,6 @@ def external_from_env(environ: dict[str, str] | None = None) -> S3Endpoint | Non
     url = env.get("SHOAL_TEST_S3_ENDPOINT", "").strip()
     if not url:
         return None
-    return S3Endpoint(
-        "external",
-        url.rstrip("/"),
-        env.get("SHOAL_TEST_S3_ACCESS_KEY", ""),
-        env.get("SHOAL_TEST_S3_SECRET_KEY", ""),
-        env.get("SHOAL_TEST_S3_REGION", "") or "us-east-1",
-    )
+    return S3Endpoint("external", url.rstrip("/"), env.get("SHOAL_TEST_S3_ACCESS_KEY", ""),
+                      env.get("SHOAL_TEST_S3_SECRET_KEY", ""),
+                      env.get("SHOAL_TEST_S3_REGION", "") or "us-east-1")

@@ -1,0 +1,110 @@
+"""Errors of the engine layer.
+
+Hierarchy::
+
+    EngineError(RuntimeError)
+     ├── QueryError(ValueError)            the SQL cannot run as written
+     │    ├── SqlSyntaxError               parser error
+     │    ├── UnknownTableError(LookupError)
+     │    └── BindError                    unknown column, type mismatch, ...
+     ├── CatalogError(ValueError)          bad catalog file or table definition
+     ├── NotParquetError(ValueError)       a table's file is not Parquet
+     ├── QueryCancelled                    interrupted by the user
+     └── WorkerError                       a fragment failed on a worker
+
+Storage problems keep their own types from :mod:`shoal.cache.errors`
+(``StoreError`` and subclasses): a missing bucket is a storage error whether the
+engine or a loader hit it.  :func:`translate_duckdb_error` maps DuckDB's
+exceptions once, at the engine boundary.
+"""
+
+from __future__ import annotations
+
+import re
+
+import duckdb
+
+from shoal.cache.errors import StorageError
+
+__all__ = [
+    "EngineError",
+    "QueryError",
+    "SqlSyntaxError",
+    "UnknownTableError",
+    "BindError",
+    "CatalogError",
+    "NotParquetError",
+    "QueryCancelled",
+    "WorkerError",
+    "translate_duckdb_error",
+]
+
+
+class EngineError(RuntimeError):
+    """Base of every engine error."""
+
+
+class QueryError(EngineError, ValueError):
+    """The query cannot run as written."""
+
+
+class SqlSyntaxError(QueryError):
+    """The SQL does not parse."""
+
+
+class UnknownTableError(QueryError, LookupError):
+    """A table or view name is not registered."""
+
+
+class BindError(QueryError):
+    """Unknown column, wrong types, or another binder error."""
+
+
+class CatalogError(EngineError, ValueError):
+    """A catalog file or table definition is invalid."""
+
+
+class NotParquetError(EngineError, ValueError):
+    """A file of a table is not a Parquet file."""
+
+
+class QueryCancelled(EngineError):
+    """The query was cancelled (Ctrl-C)."""
+
+
+class WorkerError(EngineError):
+    """A query fragment failed on a worker."""
+
+
+_FIRST_LINE = re.compile(r"^(?:[A-Za-z ]+ Error: )?(.*)$", re.S)
+
+
+def _clean(message: str) -> str:
+    # DuckDB messages may carry a Python traceback of a filesystem callback and
+    # a "LINE 1: ..." excerpt; the first line is the useful part.
+    first = message.strip().splitlines()[0] if message.strip() else message
+    match = _FIRST_LINE.match(first)
+    return match.group(1) if match else first
+
+
+def translate_duckdb_error(exc: BaseException, storage_error: StorageError | None = None) -> Exception:
+    """Map a DuckDB exception to the engine hierarchy (or to the storage error behind it)."""
+    if storage_error is not None:
+        return storage_error
+    if isinstance(exc, (EngineError, StorageError)):
+        return exc
+    message = str(exc)
+    text = _clean(message)
+    if isinstance(exc, duckdb.ParserException):
+        return SqlSyntaxError(f"SQL syntax error: {text}")
+    if isinstance(exc, duckdb.CatalogException):
+        return UnknownTableError(text)
+    if isinstance(exc, duckdb.BinderException):
+        return BindError(text)
+    if isinstance(exc, duckdb.InterruptException):
+        return QueryCancelled("query cancelled")
+    if "No magic bytes found" in message or "not a parquet file" in message.lower() or "too small to be a Parquet file" in message:
+        return NotParquetError(f"not a Parquet file: {text}")
+    if isinstance(exc, (duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException)):
+        return QueryError(text)
+    return EngineError(text)

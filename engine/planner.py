@@ -1,0 +1,279 @@
+"""The coordinator's planner: a query becomes per-table scans split into fragments.
+
+DuckDB plans the query over views of the tables' Parquet files (pinned file
+lists); every Parquet scan in DuckDB's physical plan tells which columns it
+needs and which filters it pushed down.  Those become the workers' scan-side
+work.  The coordinator later runs the *original* query over the workers'
+results, so a pushed filter only has to be implied by the query, never
+complete: correctness does not depend on how much was pushed down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import duckdb
+import pyarrow.parquet as pq
+
+from shoal.cache import ObjectNotFoundError, ObjectVersion, ShoalFileSystem
+
+from .catalog import Catalog, TableDef
+from .errors import UnknownTableError
+from .sqlinfo import column_references, parse_tree, table_references, top_level_conjuncts
+
+__all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quote_literal"]
+
+logger = logging.getLogger(__name__)
+
+_ADHOC_PREFIX = "__shoal_scan_"
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def parquet_source(urls: Sequence[str], hive: bool) -> str:
+    files = "[" + ", ".join(quote_literal(u) for u in urls) + "]"
+    return f"read_parquet({files}, hive_partitioning={'true' if hive else 'false'})"
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """One unit of scan work: some files, or some row groups of one file."""
+
+    table: str
+    index: int
+    files: tuple[ObjectVersion, ...]
+    row_groups: tuple[int, ...] | None = None
+    size: int = 0
+
+    def describe(self) -> str:
+        names = ", ".join(f.url.rsplit("/", 1)[-1] for f in self.files)
+        if self.row_groups is None:
+            return names
+        groups = self.row_groups
+        span = f"{groups[0]}" if len(groups) == 1 else f"{groups[0]}-{groups[-1]}"
+        return f"{names} row groups {span}"
+
+
+@dataclass
+class TableScan:
+    """What the workers read of one table."""
+
+    table: TableDef
+    alias: str
+    all_columns: list[str]
+    columns: list[str]
+    filter: str | None
+    partition_filter: str | None
+    files_listed: int
+    files: list[ObjectVersion]
+    fragments: list[Fragment] = field(default_factory=list)
+
+    @property
+    def bytes_listed(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class QueryPlan:
+    """The scans to run on workers and the SQL the coordinator finishes with."""
+
+    sql: str
+    scans: dict[str, TableScan]
+
+
+def _scan_nodes(plan: Any) -> Iterator[dict[str, Any]]:
+    nodes = plan if isinstance(plan, list) else [plan]
+    for node in nodes:
+        info = node.get("extra_info", {})
+        if info.get("Function") == "READ_PARQUET" or node.get("name") == "READ_PARQUET":
+            yield info
+        yield from _scan_nodes(node.get("children", []))
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [v for v in str(value).split("\n") if v]
+
+
+_DYNAMIC = re.compile(r"dynamic|optional: *$", re.I)
+
+
+class Planner:
+    """Plans queries against a catalog; owns the coordinator's planning connection."""
+
+    def __init__(self, fs: ShoalFileSystem, catalog: Catalog, *, workers: int) -> None:
+        self.fs = fs
+        self.catalog = catalog
+        self.workers = workers
+        self.con = duckdb.connect()
+        self.con.register_filesystem(fs)
+        self.con.execute("SET enable_external_file_cache=false")
+
+    # -- step 1: which tables ---------------------------------------------------
+
+    def bind_tables(self, sql: str) -> tuple[str, dict[str, TableDef]]:
+        """Replace ad-hoc paths by internal names; return the SQL and its tables."""
+        tree = parse_tree(self.con, sql)
+        tables: dict[str, TableDef] = {}
+        for n, ref in enumerate(table_references(tree)):
+            table = self.catalog.get(ref)
+            if table is not None:
+                tables[table.name] = table
+            elif "://" in ref or ref.endswith(".parquet") or "/" in ref:
+                name = f"{_ADHOC_PREFIX}{n}"
+                tables[name] = TableDef(name=name, url=ref)
+                for quoted in (quote_literal(ref), quote_ident(ref)):
+                    sql = sql.replace(quoted, quote_ident(name))
+        return sql, tables
+
+    # -- step 2: files and views ---------------------------------------------------
+
+    def _define_views(self, tables: dict[str, TableDef]) -> dict[str, tuple[list[ObjectVersion], list[str]]]:
+        listed: dict[str, tuple[list[ObjectVersion], list[str]]] = {}
+        for name, table in tables.items():
+            files = [v for v in self.fs.versions(table.pattern) if v.size > 0]
+            if not files:
+                raise ObjectNotFoundError(f"no Parquet files found for table {name} at {table.url}")
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {quote_ident(name)} AS SELECT * FROM "
+                f"{parquet_source([f.url for f in files], table.hive)}"
+            ).fetchall()
+            columns = [r[0] for r in self.con.execute(f"DESCRIBE {quote_ident(name)}").fetchall()]
+            listed[name] = (files, columns)
+        return listed
+
+    def drop_views(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.con.execute(f"DROP VIEW IF EXISTS {quote_ident(name)}").fetchall()
+
+    # -- step 3: what each scan needs ----------------------------------------------
+
+    def _pushdown(self, sql: str, listed: dict[str, tuple[list[ObjectVersion], list[str]]]) -> dict[str, tuple[set[str], list[str] | None]]:
+        """Per table: columns needed and the filters of each scan (None: a scan had none)."""
+        row = self.con.execute(f"EXPLAIN (FORMAT json) {sql}").fetchall()
+        plan = json.loads(row[0][1])
+        needs: dict[str, tuple[set[str], list[str] | None]] = {}
+        unresolved = False
+        for info in _scan_nodes(plan):
+            projected = set(_as_list(info.get("Projections")))
+            filters = [
+                f.removeprefix("optional: ").strip()
+                for f in _as_list(info.get("Filters"))
+                if not _DYNAMIC.search(f)
+            ]
+            filter_sql = " AND ".join(f"({f})" for f in filters) if filters else None
+            filter_columns = column_references(parse_tree(self.con, f"SELECT 1 WHERE {filter_sql}")) if filter_sql else set()
+            wanted = projected | filter_columns
+            owners = [n for n, (_, cols) in listed.items() if wanted and wanted <= set(cols)]
+            if len(owners) != 1 and len(listed) == 1:
+                owners = list(listed)
+            if len(owners) != 1:
+                unresolved = True
+                continue
+            owner = owners[0]
+            columns, scan_filters = needs.get(owner, (set(), []))
+            columns |= wanted
+            if scan_filters is not None:
+                scan_filters = scan_filters + [filter_sql] if filter_sql else None
+            needs[owner] = (columns, scan_filters)
+        if unresolved:
+            # A scan we cannot attribute (same column names in two tables): read
+            # those tables whole; the coordinator's query still filters them.
+            for name, (_, cols) in listed.items():
+                if name not in needs:
+                    needs[name] = (set(cols), None)
+        for name, (_, cols) in listed.items():
+            needs.setdefault(name, (set(cols[:1]), None))
+        return needs
+
+    def _validated_filter(self, name: str, filters: list[str] | None) -> str | None:
+        if not filters:
+            return None
+        combined = filters[0] if len(filters) == 1 else " OR ".join(f"({f})" for f in filters)
+        try:
+            self.con.execute(f"EXPLAIN SELECT 1 FROM {quote_ident(name)} WHERE {combined}").fetchall()
+        except duckdb.Error as exc:
+            logger.debug("filter %r not pushed down for %s: %s", combined, name, exc)
+            return None
+        return combined
+
+    # -- step 4: partitions and fragments -------------------------------------------
+
+    def _prune_partitions(self, table: TableDef, files: list[ObjectVersion], filter_sql: str | None,
+                          columns: list[str]) -> tuple[list[ObjectVersion], str | None]:
+        if not table.hive or not filter_sql:
+            return files, None
+        values = [dict(p.split("=", 1) for p in f.url.split("/") if "=" in p) for f in files]
+        keys = sorted({k for v in values for k in v} & set(columns))
+        if not keys:
+            return files, None
+        conjuncts = [c for c, cols in top_level_conjuncts(self.con, filter_sql) if cols and cols <= set(keys)]
+        if not conjuncts:
+            return files, None
+        predicate = " AND ".join(conjuncts)
+        types = dict(self.con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {quote_ident(table.name)})").fetchall())
+        rows = ", ".join(
+            "(" + ", ".join([str(i)] + [f"TRY_CAST({quote_literal(v.get(k, ''))} AS {types.get(k, 'VARCHAR')})" for k in keys]) + ")"
+            for i, v in enumerate(values)
+        )
+        names = ", ".join(["__i"] + [quote_ident(k) for k in keys])
+        kept = self.con.execute(f"SELECT __i FROM (VALUES {rows}) AS p({names}) WHERE {predicate}").fetchall()
+        keep = {r[0] for r in kept}
+        return [f for i, f in enumerate(files) if i in keep], predicate
+
+    def _fragments(self, name: str, files: list[ObjectVersion], hive: bool) -> list[Fragment]:
+        target = max(2 * self.workers, 1)
+        if self.workers == 1 or len(files) >= target or hive:
+            return [Fragment(table=name, index=i, files=(f,), size=f.size) for i, f in enumerate(files)]
+        fragments: list[Fragment] = []
+        per_file = -(-target // len(files))
+        for version in files:
+            with self.fs.open(version.url, "rb") as handle:
+                meta = pq.ParquetFile(handle).metadata
+            groups = list(range(meta.num_row_groups))
+            if len(groups) <= 1:
+                fragments.append(Fragment(table=name, index=len(fragments), files=(version,), size=version.size))
+                continue
+            chunk = -(-len(groups) // min(per_file, len(groups)))
+            for start in range(0, len(groups), chunk):
+                part = tuple(groups[start : start + chunk])
+                size = sum(meta.row_group(g).total_byte_size for g in part)
+                fragments.append(Fragment(table=name, index=len(fragments), files=(version,), row_groups=part, size=size))
+        return fragments
+
+    # -- all steps ----------------------------------------------------------------
+
+    def plan(self, sql: str) -> QueryPlan:
+        """Plan one SELECT (call inside ``fs.snapshot()`` so versions stay pinned)."""
+        sql, tables = self.bind_tables(sql)
+        listed = self._define_views(tables)
+        try:
+            needs = self._pushdown(sql, listed)
+            scans: dict[str, TableScan] = {}
+            for name, table in tables.items():
+                files, all_columns = listed[name]
+                wanted, filters = needs[name]
+                columns = [c for c in all_columns if c in wanted] or all_columns[:1]
+                filter_sql = self._validated_filter(name, filters)
+                kept, partition_filter = self._prune_partitions(table, files, filter_sql, all_columns)
+                scan = TableScan(table=table, alias=name, all_columns=all_columns, columns=columns,
+                                 filter=filter_sql, partition_filter=partition_filter,
+                                 files_listed=len(files), files=kept)
+                scan.fragments = self._fragments(name, kept, table.hive)
+                scans[name] = scan
+        except duckdb.CatalogException as exc:
+            raise UnknownTableError(str(exc).splitlines()[0]) from exc
+        return QueryPlan(sql=sql, scans=scans)

@@ -1,0 +1,306 @@
+"""The Python API: a :class:`Session` runs SQL over Parquet in object storage.
+
+>>> from shoal.engine import Session
+>>> with Session() as s:                                     # doctest: +SKIP
+...     s.register("trips", "s3://data/trips/*.parquet")
+...     s.sql("SELECT count(*) FROM trips").table
+
+Each SELECT is planned by the coordinator into per-table scan fragments, run
+by stateless workers (threads here; Ray when configured), and finished by the
+coordinator's DuckDB over the workers' Arrow results.  Every object is read
+at one version per query.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import duckdb
+import pyarrow as pa
+
+from shoal.cache import CacheConfig, ShoalFileSystem, StorageError, StoreConfig
+
+from .catalog import Catalog, TableDef
+from .errors import EngineError, QueryCancelled, QueryError, translate_duckdb_error
+from .executor import Executor, create_executor
+from .planner import Planner, quote_ident, quote_literal
+from .profile import QueryProfile, TableIO, render_explain
+from .worker import combine, tasks_for
+
+__all__ = ["Session", "QueryResult"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+_COPY = re.compile(r"^\s*COPY\s*\((?P<query>.*)\)\s*TO\s*'(?P<url>(?:[^']|'')+)'\s*(?P<options>\(.*\))?\s*;?\s*$", re.I | re.S)
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?P<analyze>ANALYZE\s+)?(?P<query>.*?);?\s*$", re.I | re.S)
+_CREATE_VIEW = re.compile(r"^\s*CREATE\s+(?P<replace>OR\s+REPLACE\s+)?(?:TEMP(?:ORARY)?\s+)?VIEW\s+(?P<name>\"?[A-Za-z_][A-Za-z0-9_]*\"?)\s+AS\s+(?P<query>.*?);?\s*$", re.I | re.S)
+_SIMPLE_SOURCE = re.compile(r"^\s*(?:SELECT\s+\*\s+)?FROM\s+(?:'(?P<url>[^']+)'|read_parquet\(\s*'(?P<url2>[^']+)'\s*(?:,\s*hive_partitioning\s*=\s*(?P<hive>true|false))?\s*\))\s*;?\s*$", re.I | re.S)
+_DROP_VIEW = re.compile(r"^\s*DROP\s+VIEW\s+(?:IF\s+EXISTS\s+)?(?P<name>\"?[A-Za-z_][A-Za-z0-9_]*\"?)\s*;?\s*$", re.I)
+
+
+@dataclass
+class QueryResult:
+    """Rows (as Arrow) and what it took to get them."""
+
+    table: pa.Table
+    profile: QueryProfile = field(default_factory=QueryProfile)
+    message: str | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+
+class Session:
+    """An embedded Shoal engine: catalog, cached filesystem, planner, executor.
+
+    Parameters
+    ----------
+    cache, store:
+        Storage-layer configuration (default: from ``SHOAL_CACHE_*`` and ``AWS_*``).
+    workers:
+        Scan workers (default: ``SHOAL_WORKERS`` or the number of CPUs).
+    executor:
+        ``"threads"`` (embedded default) or the name of another registered executor.
+    catalog:
+        Path of a TOML catalog file to load.
+    """
+
+    def __init__(
+        self,
+        *,
+        cache: CacheConfig | None = None,
+        store: StoreConfig | None = None,
+        workers: int | None = None,
+        executor: str = "threads",
+        catalog: str | Path | None = None,
+        fs: ShoalFileSystem | None = None,
+    ) -> None:
+        self.fs = fs or ShoalFileSystem(cache=cache, store=store)
+        self.catalog = Catalog()
+        if catalog is not None:
+            self.catalog.load_toml(catalog)
+        env_workers = os.environ.get("SHOAL_WORKERS")
+        self.workers = workers or (int(env_workers) if env_workers else (os.cpu_count() or 1))
+        if self.workers < 1:
+            raise EngineError("workers must be at least 1")
+        self.planner = Planner(self.fs, self.catalog, workers=self.workers)
+        self.executor: Executor = create_executor(executor, self.fs, workers=self.workers)
+        self._views: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._finish_con: duckdb.DuckDBPyConnection | None = None
+
+    # -- catalog ------------------------------------------------------------------
+
+    def register(self, name: str, url: str, *, hive_partitioning: bool | None = None) -> None:
+        """Name a table: a URL, glob or prefix of Parquet files."""
+        self.catalog.register(TableDef(name=name, url=url, hive_partitioning=hive_partitioning))
+
+    def tables(self) -> list[TableDef]:
+        return list(self.catalog)
+
+    # -- SQL ----------------------------------------------------------------------
+
+    def sql(self, text: str, *, progress: Progress | None = None) -> QueryResult:
+        """Run one or more statements; returns the last one's result."""
+        try:
+            statements = [s.query for s in self.planner.con.extract_statements(text)]
+        except duckdb.Error as exc:
+            raise translate_duckdb_error(exc) from exc
+        if not statements:
+            raise QueryError("no SQL statement given")
+        result = QueryResult(table=pa.table({}))
+        for statement in statements:
+            result = self._statement(statement, progress)
+        return result
+
+    def explain(self, query: str, *, analyze: bool = False) -> str:
+        """The plan (fragments, pushed-down columns and filters); with ``analyze``, run it and add I/O."""
+        if analyze:
+            return render_explain(self._select(query, None).profile, analyze=True)
+        with self.fs.snapshot():
+            plan = self._plan(query)
+        return render_explain(QueryProfile(plan=plan, executor=self.executor.name, workers=self.workers), analyze=False)
+
+    def copy_to(self, query: str, url: str, *, options: str = "(FORMAT parquet)") -> QueryResult:
+        """Write a query's result to ``url`` (Parquet by default) through the store."""
+        result = self._select(query, None)
+        con = self._finish_connection()
+        con.register("__shoal_result", result.table)
+        try:
+            con.execute(f"COPY (SELECT * FROM __shoal_result) TO {quote_literal(url)} {options}").fetchall()
+        except duckdb.Error as exc:
+            raise translate_duckdb_error(exc, self.fs.take_error()) from exc
+        finally:
+            con.unregister("__shoal_result")
+        result.message = f"wrote {result.num_rows} rows to {url}"
+        return result
+
+    def interrupt(self) -> None:
+        """Cancel the running query (from another thread or a signal handler)."""
+        self._cancel.set()
+        if self._finish_con is not None:
+            self._finish_con.interrupt()
+
+    # -- statements ---------------------------------------------------------------
+
+    def _statement(self, statement: str, progress: Progress | None) -> QueryResult:
+        if match := _EXPLAIN.match(statement):
+            text = self.explain(match["query"], analyze=bool(match["analyze"]))
+            return QueryResult(table=pa.table({"plan": text.splitlines()}), message=text)
+        if match := _COPY.match(statement):
+            return self.copy_to(match["query"], match["url"].replace("''", "'"),
+                                options=match["options"] or "(FORMAT parquet)")
+        if match := _CREATE_VIEW.match(statement):
+            return self._create_view(match["name"].strip('"'), match["query"], bool(match["replace"]))
+        if match := _DROP_VIEW.match(statement):
+            name = match["name"].strip('"')
+            self.catalog.unregister(name)
+            self._views.pop(name.lower(), None)
+            return QueryResult(table=pa.table({}), message=f"dropped {name}")
+        if re.match(r"^\s*SHOW\s+TABLES\s*;?\s*$", statement, re.I):
+            rows = [(t.name, t.url) for t in self.catalog] + [(n, "(view)") for n in sorted(self._views)]
+            return QueryResult(table=pa.table({"name": [r[0] for r in rows], "url": [r[1] for r in rows]}))
+        if match := re.match(r"^\s*(?:DESCRIBE|DESC)\s+(?P<name>\"?[A-Za-z_][A-Za-z0-9_]*\"?)\s*;?\s*$", statement, re.I):
+            return self._select(f"DESCRIBE SELECT * FROM {match['name']}", progress)
+        return self._select(statement, progress)
+
+    def _create_view(self, name: str, query: str, replace: bool) -> QueryResult:
+        if not replace and (name in self.catalog or name.lower() in self._views):
+            raise QueryError(f"table or view {name} already exists (use CREATE OR REPLACE VIEW)")
+        if simple := _SIMPLE_SOURCE.match(query):
+            hive = simple["hive"]
+            self.register(name, simple["url"] or simple["url2"],
+                          hive_partitioning=None if hive is None else hive.lower() == "true")
+            self._views.pop(name.lower(), None)
+        else:
+            self._views[name.lower()] = query.strip().rstrip(";")
+            self.catalog.unregister(name)
+        return QueryResult(table=pa.table({}), message=f"created view {name}")
+
+    def _expand_views(self, sql: str) -> str:
+        if not self._views:
+            return sql
+        ctes = ", ".join(f"{quote_ident(n)} AS ({q})" for n, q in self._views.items())
+        # User views become CTEs so that the planner sees the tables under them.
+        if re.match(r"^\s*WITH\s", sql, re.I):
+            return re.sub(r"^\s*WITH\s+(RECURSIVE\s+)?", lambda m: f"WITH {m.group(1) or ''}{ctes}, ", sql, count=1, flags=re.I)
+        return f"WITH {ctes} {sql}"
+
+    def _plan(self, query: str):
+        try:
+            return self.planner.plan(self._expand_views(query))
+        except duckdb.Error as exc:
+            raise translate_duckdb_error(exc, self.fs.take_error()) from exc
+
+    def _select(self, query: str, progress: Progress | None) -> QueryResult:
+        with self._lock:
+            self._cancel.clear()
+            self.fs.take_error()
+            profile = QueryProfile(executor=self.executor.name, workers=self.workers)
+            started = time.perf_counter()
+            try:
+                with self.fs.snapshot():
+                    plan = self._plan(query)
+                    profile.plan = plan
+                    profile.stages["plan"] = time.perf_counter() - started
+                    table = self._execute(plan, profile, progress)
+            except KeyboardInterrupt:
+                self._cancel.set()
+                raise QueryCancelled("query cancelled") from None
+            finally:
+                self.planner.drop_views(list(profile.plan.scans) if profile.plan else [])
+                self.fs.reader.cache.flush_stats()
+            profile.rows = table.num_rows
+            profile.stages["total"] = time.perf_counter() - started
+            return QueryResult(table=table, profile=profile)
+
+    def _execute(self, plan: Any, profile: QueryProfile, progress: Progress | None) -> pa.Table:
+        before = self.fs.reader.ledger.snapshot()
+        scan_started = time.perf_counter()
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        tasks = tasks_for(plan.scans, threads=threads)
+        total = sum(f.size for s in plan.scans.values() for f in s.fragments)
+        if progress is not None:
+            progress(0, total)
+        try:
+            results = self.executor.run(tasks, self._cancel) if tasks else []
+        except StorageError:
+            raise
+        except duckdb.Error as exc:
+            raise translate_duckdb_error(exc, self.fs.take_error()) from exc
+        if progress is not None:
+            progress(total, total)
+        profile.stages["scan"] = time.perf_counter() - scan_started
+        after = self.fs.reader.ledger.snapshot()
+        url_table = {v.url: name for name, s in plan.scans.items() for v in s.files}
+        for name in plan.scans:
+            profile.tables[name] = TableIO()
+        for url, io in after.items():
+            name = url_table.get(url)
+            if name is None:
+                continue
+            prior = before.get(url)
+            delta = type(io)(**{k: v - (getattr(prior, k) if prior else 0) for k, v in vars(io).items()})
+            profile.tables[name].add(delta)
+
+        finish_started = time.perf_counter()
+        con = self._finish_connection()
+        registered = []
+        try:
+            for name, scan in plan.scans.items():
+                empty = self.planner.con.sql(
+                    f"SELECT {', '.join(quote_ident(c) for c in scan.columns)} FROM {quote_ident(name)} LIMIT 0"
+                ).to_arrow_table()
+                combined = combine([r for r in results if r.task.table == name], empty)
+                profile.tables[name].rows_out = combined.num_rows
+                profile.tables[name].seconds = sum(r.seconds for r in results if r.task.table == name)
+                con.register(name, combined)
+                registered.append(name)
+            table = con.sql(plan.sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise translate_duckdb_error(exc, self.fs.take_error()) from exc
+        finally:
+            for name in registered:
+                con.unregister(name)
+        profile.stages["finish"] = time.perf_counter() - finish_started
+        return table
+
+    def _finish_connection(self) -> duckdb.DuckDBPyConnection:
+        if self._finish_con is None:
+            con = duckdb.connect()
+            con.register_filesystem(self.fs)
+            con.execute("SET enable_external_file_cache=false")
+            self._finish_con = con
+        return self._finish_con
+
+    # -- cache ---------------------------------------------------------------------
+
+    def cache_stats(self) -> dict[str, Any]:
+        """This process's cache counters, the totals of all processes, and disk use."""
+        stats = self.fs.stats()
+        stats["all_processes"] = self.fs.reader.cache.persisted_stats()
+        return stats
+
+    def close(self) -> None:
+        self.executor.close()
+        if self._finish_con is not None:
+            self._finish_con.close()
+        self.planner.con.close()
+        self.fs.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

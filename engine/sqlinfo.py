@@ -1,0 +1,79 @@
+"""What a statement touches, read from DuckDB's own parser (``json_serialize_sql``).
+
+No hand-written SQL parser: DuckDB serializes its parse tree to JSON and this
+module walks it for table references and column references.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import duckdb
+
+from .errors import SqlSyntaxError
+
+__all__ = ["parse_tree", "table_references", "column_references", "top_level_conjuncts"]
+
+
+def parse_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
+    """DuckDB's parse tree of ``sql`` (raises :class:`SqlSyntaxError`)."""
+    rows = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
+    row = rows[0] if rows else None
+    tree = json.loads(row[0]) if row else {"error": True}
+    if tree.get("error"):
+        message = tree.get("error_message") or "cannot parse the statement"
+        raise SqlSyntaxError(f"SQL syntax error: {message}")
+    return tree
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item)
+
+
+def table_references(tree: dict[str, Any]) -> list[str]:
+    """Names (or quoted paths) of base tables, in order of appearance, without CTE names."""
+    ctes: set[str] = set()
+    for node in _walk(tree):
+        cte_map = node.get("cte_map")
+        if isinstance(cte_map, dict):
+            for entry in cte_map.get("map", []):
+                key = entry.get("key")
+                if isinstance(key, str):
+                    ctes.add(key.lower())
+    names: list[str] = []
+    for node in _walk(tree):
+        if node.get("type") == "BASE_TABLE" and isinstance(node.get("table_name"), str):
+            name = node["table_name"]
+            if node.get("schema_name") in ("", None) and name.lower() not in ctes and name not in names:
+                names.append(name)
+    return names
+
+
+def column_references(tree: dict[str, Any]) -> set[str]:
+    """Bare column names referenced anywhere in the tree."""
+    out: set[str] = set()
+    for node in _walk(tree):
+        if node.get("class") == "COLUMN_REF" and node.get("column_names"):
+            out.add(node["column_names"][-1])
+    return out
+
+
+def top_level_conjuncts(con: duckdb.DuckDBPyConnection, predicate: str) -> list[tuple[str, set[str]]]:
+    """Split ``a AND b AND c`` into ``[(sql, columns), ...]`` using DuckDB's parser."""
+    tree = parse_tree(con, f"SELECT 1 WHERE {predicate}")
+    where = tree["statements"][0]["node"]["where_clause"]
+    parts = where["children"] if where.get("type") == "CONJUNCTION_AND" else [where]
+    out = []
+    for part in parts:
+        stmt = {"error": False, "statements": [{"node": {**tree["statements"][0]["node"], "where_clause": part}, "named_param_map": []}]}
+        text = con.execute("SELECT json_deserialize_sql(?)", [json.dumps(stmt)]).fetchall()[0][0]
+        condition = text.split(" WHERE ", 1)[1].rstrip(";") if " WHERE " in text else text
+        out.append((condition, column_references({"x": part})))
+    return out

@@ -1,0 +1,598 @@
+"""Storage layer logic against ``memory://`` and ``file://`` sources (no servers)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import diskcache
+import duckdb
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shoal.cache import (
+    BlockCache,
+    CacheConfig,
+    ObjectChangedError,
+    ObjectNotFoundError,
+    ShoalFileSystem,
+    StorageConfigError,
+    StoreConfig,
+    parse_size,
+)
+
+BS = 64 * 1024  # > diskcache's 32 KiB inline limit, so blocks live in .val files
+CACHE_LOGGER = "shoal.cache.blockcache"
+
+MakeFs = Callable[..., ShoalFileSystem]
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.fixture
+def mem() -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
+    """fsspec's (process-global) memory fs and a unique prefix, removed afterwards."""
+    fs = fsspec.filesystem("memory")
+    prefix = f"/t-{uuid.uuid4().hex}"
+    yield fs, prefix
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def make_fs(cache_dir: Path) -> Iterator[MakeFs]:
+    """New ShoalFileSystems (fresh process memory tier) over one cache dir; closed at the end."""
+    made: list[ShoalFileSystem] = []
+
+    def make(protocols: tuple[str, ...] = ("memory", "file"), **config: Any) -> ShoalFileSystem:
+        config = {"directory": cache_dir, "block_size": BS, "readahead_blocks": 0, **config}
+        fs = ShoalFileSystem(cache=CacheConfig(**config), store=StoreConfig(), protocols=protocols)
+        made.append(fs)
+        return fs
+
+    yield make
+    for fs in made:
+        fs.close()
+
+
+def put_object(mem: tuple[fsspec.AbstractFileSystem, str], name: str, data: bytes) -> str:
+    fs, prefix = mem
+    fs.pipe(f"{prefix}/{name}", data)
+    return f"memory://{prefix}/{name}"
+
+
+def overwrite(mem: tuple[fsspec.AbstractFileSystem, str], name: str, data: bytes) -> None:
+    # Memory objects are versioned by creation time (microseconds): let the clock tick.
+    time.sleep(0.002)
+    put_object(mem, name, data)
+
+
+# -- configuration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("20GB", 20 * 10**9), ("512MiB", 512 << 20), ("4m", 4 * 10**6), ("1.5KiB", 1536),
+     (" 7 kb ", 7000), ("123", 123), (123, 123), ("2TiB", 2 << 40)],
+)
+def test_parse_size(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "12XB", "-1", "1e3", -1, "GB"])
+def test_parse_size_rejects_bad_values(bad: str | int) -> None:
+    with pytest.raises(StorageConfigError) as info:
+        parse_size(bad)
+    assert isinstance(info.value, ValueError)
+
+
+def test_cache_config_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = CacheConfig.from_env({})
+    assert default.directory == tmp_path / "xdg" / "shoal"
+    assert default.enabled and default.size_limit == CacheConfig().size_limit
+
+    env = {"SHOAL_CACHE_DIR": str(tmp_path / "env"), "SHOAL_CACHE_SIZE": "1GiB",
+           "SHOAL_CACHE_BLOCK_SIZE": "1MiB", "SHOAL_CACHE": "off"}
+    from_env = CacheConfig.from_env(env)
+    assert (from_env.directory, from_env.size_limit, from_env.block_size, from_env.enabled) == (
+        tmp_path / "env", 1 << 30, 1 << 20, False)
+
+    explicit = CacheConfig.from_env(env, directory=tmp_path / "x", size_limit="2GiB",
+                                    block_size=None, max_request_size="8MiB")
+    assert explicit.directory == tmp_path / "x"
+    assert explicit.size_limit == 2 << 30
+    assert explicit.block_size == 1 << 20  # None means "not given": env still applies
+    assert explicit.max_request_size == 8 << 20
+
+    monkeypatch.setenv("SHOAL_CACHE_SIZE", "3GB")
+    assert CacheConfig.from_env().size_limit == 3 * 10**9  # os.environ is the default env
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides"),
+    [({"SHOAL_CACHE_SIZE": "lots"}, {}), ({"SHOAL_CACHE_BLOCK_SIZE": "5000"}, {}),
+     ({}, {"block_size": 3 * 4096}), ({}, {"block_size": 1024}),
+     ({}, {"size_limit": 4096, "block_size": 8192}), ({}, {"max_concurrency": 0}),
+     ({}, {"readahead_blocks": -1})],
+)
+def test_cache_config_rejects_bad_values(env: dict[str, str], overrides: dict[str, Any],
+                                         tmp_path: Path) -> None:
+    with pytest.raises(StorageConfigError):
+        CacheConfig.from_env(env, directory=tmp_path, **overrides)
+
+
+def test_store_config_from_env() -> None:
+    env = {"AWS_ENDPOINT_URL_S3": "http://s3only:1", "AWS_ENDPOINT_URL": "http://all:2",
+           "AWS_REGION": "eu-west-3", "AWS_DEFAULT_REGION": "us-west-1"}
+    config = StoreConfig.from_env(env)
+    assert (config.endpoint_url, config.region, config.anonymous) == ("http://s3only:1", "eu-west-3", False)
+    assert StoreConfig.from_env({"AWS_ENDPOINT_URL": "http://all:2"}).endpoint_url == "http://all:2"
+    assert StoreConfig.from_env({"AWS_DEFAULT_REGION": "us-west-1"}).region == "us-west-1"
+    assert StoreConfig.from_env({"SHOAL_S3_ANONYMOUS": "true"}).anonymous
+
+    explicit = StoreConfig.from_env(env, endpoint_url="http://mine:3", region="ap-south-1",
+                                    access_key="AK", secret_key="SK")
+    assert (explicit.endpoint_url, explicit.region) == ("http://mine:3", "ap-south-1")
+    options = explicit.s3fs_options()
+    assert options["endpoint_url"] == "http://mine:3" and options["secret"] == "SK"
+    assert options["client_kwargs"] == {"region_name": "ap-south-1"}
+    assert StoreConfig.from_env({}) == StoreConfig()
+
+
+def test_store_config_never_shows_secrets() -> None:
+    config = StoreConfig(endpoint_url="http://e:1", access_key="AKIDSHOWN",
+                         secret_key="s3cr3t-value", session_token="t0ken-value")
+    for text in (repr(config), str(config), config.store_id):
+        assert "s3cr3t-value" not in text and "t0ken-value" not in text
+    assert "anon" in StoreConfig(anonymous=True, access_key="a", secret_key="b").s3fs_options()
+    assert "secret" not in StoreConfig(anonymous=True, access_key="a", secret_key="b").s3fs_options()
+
+
+# -- reads, cold and warm -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("max_request_blocks", "requests"), [(256, 1), (4, 3), (1, 11)])
+def test_cold_read_fills_cache_with_coalesced_requests(
+    mem: Any, make_fs: MakeFs, max_request_blocks: int, requests: int
+) -> None:
+    data = payload(10 * BS + 100)
+    url = put_object(mem, "obj", data)
+    fs = make_fs(max_request_size=max_request_blocks * BS)
+    assert fs.cat_file(url) == data
+    stats = fs.stats()
+    assert (stats["misses"], stats["hits"], stats["store_requests"]) == (11, 0, requests)
+    assert stats["bytes_from_store"] == len(data) == fs.source("memory").bytes_fetched
+    assert fs.source("memory").requests == requests
+    fs.reader.flush()
+    assert fs.reader.cache.entries() == 11
+    io = fs.reader.ledger.snapshot()[url]
+    assert (io.blocks_missed, io.store_requests, io.bytes_from_store) == (11, requests, len(data))
+
+
+def test_warm_read_from_new_filesystem_needs_no_store(mem: Any, make_fs: MakeFs) -> None:
+    data = payload(10 * BS + 100)
+    url = put_object(mem, "obj", data)
+    cold = make_fs()
+    assert cold.cat_file(url) == data
+    assert cold.cat_file(url) == data  # second read in-process: memory tier
+    assert cold.stats()["hits"] == 0 and cold.stats()["store_requests"] == 1
+    assert cold.reader.ledger.snapshot()[url].bytes_from_memory == len(data)
+    cold.close()
+
+    warm = make_fs()
+    assert warm.cat_file(url) == data
+    stats = warm.stats()
+    assert (stats["hits"], stats["misses"], stats["store_requests"]) == (11, 0, 0)
+    assert stats["bytes_from_cache"] == len(data) and stats["bytes_from_store"] == 0
+    assert warm.source("memory").requests == 0
+
+
+SIZE = 5 * BS + 1234
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [(0, 1), (BS - 1, BS + 1), (BS, 2 * BS), (3 * BS - 10, 5 * BS + 10), (SIZE - 5, SIZE),
+     (SIZE - 5, SIZE + 100), (SIZE, SIZE + 10), (SIZE + 10, SIZE + 20), (7, 7), (10, 5),
+     (0, SIZE), (-10, None), (None, 5)],
+)
+def test_ranges_across_blocks_and_eof(mem: Any, make_fs: MakeFs, start: Any, end: Any) -> None:
+    data = payload(SIZE, seed=1)
+    url = put_object(mem, "obj", data)
+    for fs in (make_fs(), make_fs()):  # cold, then warm from the SSD tier
+        assert fs.cat_file(url, start, end) == data[start:end]
+        fs.reader.flush()
+
+
+def test_file_object_seek_read(mem: Any, make_fs: MakeFs) -> None:
+    data = payload(SIZE, seed=2)
+    url = put_object(mem, "obj", data)
+    with make_fs(readahead_blocks=2).open(url) as f:
+        assert f.seekable() and f.readable()
+        f.seek(BS - 3)
+        assert f.read(6) == data[BS - 3 : BS + 3] and f.tell() == BS + 3
+        f.seek(-4, os.SEEK_END)
+        assert f.read(100) == data[-4:] and f.read(10) == b"" and f.read() == b""
+        f.seek(SIZE + 50)
+        assert f.read(10) == b""
+        f.seek(2, os.SEEK_SET)
+        f.seek(3, os.SEEK_CUR)
+        buffer = bytearray(BS + 7)
+        assert f.readinto(buffer) == BS + 7 and bytes(buffer) == data[5 : BS + 12]
+        f.seek(0)
+        assert f.read() == data
+        with pytest.raises(ValueError):
+            f.seek(-1)
+
+
+def test_missing_object_is_a_clear_error(mem: Any, make_fs: MakeFs) -> None:
+    with pytest.raises(ObjectNotFoundError) as info:
+        make_fs().cat_file(f"memory://{mem[1]}/nope")
+    assert isinstance(info.value, FileNotFoundError) and "nope" in str(info.value)
+
+
+# -- versions -------------------------------------------------------------------
+
+
+def test_overwrite_returns_new_bytes(mem: Any, make_fs: MakeFs) -> None:
+    old, new = payload(3 * BS, seed=3), payload(3 * BS, seed=4)  # same size: only the version differs
+    url = put_object(mem, "obj", old)
+    fs = make_fs()
+    assert fs.cat_file(url) == old
+    fs.reader.flush()
+    overwrite(mem, "obj", new)
+    assert fs.cat_file(url) == new
+    assert fs.cat_file(url, BS - 5, BS + 5) == new[BS - 5 : BS + 5]
+    with fs.open(url) as f:
+        assert f.read() == new
+    fs.reader.flush()
+    other = make_fs()
+    assert other.cat_file(url) == new
+    assert other.stats()["store_requests"] == 0  # the new version's blocks are cached too
+
+
+def test_snapshot_pins_version_and_refuses_torn_reads(mem: Any, make_fs: MakeFs) -> None:
+    old, new = payload(4 * BS, seed=5), payload(4 * BS, seed=6)
+    url = put_object(mem, "obj", old)
+    fs = make_fs()
+    with fs.snapshot():
+        assert fs.info(url)["size"] == len(old)
+        assert fs.cat_file(url, 0, BS) == old[:BS]
+        overwrite(mem, "obj", new)
+        with fs.snapshot():  # nested: still the outer query's pins
+            assert fs.cat_file(url, 0, 10) == old[:10]
+        with pytest.raises(ObjectChangedError):
+            fs.cat_file(url)  # blocks 1..3 would come from the new version
+        with pytest.raises(ObjectChangedError), fs.open(url) as f:
+            f.seek(2 * BS)
+            f.read(10)
+        assert fs.cat_file(url, 0, BS) == old[:BS]  # what was read stays the old version
+    assert fs.cat_file(url) == new
+
+
+def test_snapshot_read_in_full_stays_consistent(mem: Any, make_fs: MakeFs) -> None:
+    old, new = payload(2 * BS, seed=7), payload(2 * BS + 1, seed=8)
+    url = put_object(mem, "obj", old)
+    fs = make_fs()
+    with fs.snapshot():
+        assert fs.glob(f"memory://{mem[1]}/*") == [url]
+        assert fs.cat_file(url) == old
+        overwrite(mem, "obj", new)
+        assert fs.cat_file(url) == old and fs.size(url) == len(old)
+    assert fs.cat_file(url) == new and fs.size(url) == len(new)
+
+
+# -- eviction, corruption, degraded cache ----------------------------------------
+
+
+def test_eviction_under_small_limit(mem: Any, make_fs: MakeFs) -> None:
+    data = payload(20 * BS, seed=9)
+    url = put_object(mem, "obj", data)
+    fs = make_fs(size_limit=4 * BS, max_request_size=BS)
+    for index in range(20):
+        assert fs.cat_file(url, index * BS, (index + 1) * BS) == data[index * BS : (index + 1) * BS]
+        fs.reader.flush()
+        assert fs.reader.cache.volume() <= 5 * BS
+    stats = fs.stats()
+    assert stats["evictions"] >= 16 and stats["misses"] == 20
+    assert fs.reader.cache.entries() <= 4
+    assert stats["volume"] <= 5 * BS
+
+
+def _value_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*.val") if "stats" not in p.parts)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_corrupt_block_is_refetched(mem: Any, make_fs: MakeFs, cache_dir: Path, damage: str) -> None:
+    data = payload(4 * BS, seed=10)
+    url = put_object(mem, "obj", data)
+    first = make_fs()
+    assert first.cat_file(url) == data
+    first.close()
+    files = _value_files(cache_dir)
+    assert len(files) == 4
+    victim = files[2]
+    raw = bytearray(victim.read_bytes())
+    if damage == "flip":
+        raw[100] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        victim.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:
+        victim.write_bytes(b"")
+
+    second = make_fs()
+    assert second.cat_file(url) == data
+    stats = second.stats()
+    assert (stats["corrupt_blocks"], stats["hits"], stats["misses"], stats["store_requests"]) == (1, 3, 1, 1)
+    assert stats["errors"] == 1
+    second.close()
+    third = make_fs()
+    assert third.cat_file(url) == data
+    assert third.stats()["store_requests"] == 0 and third.stats()["corrupt_blocks"] == 0
+
+
+def _cache_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == CACHE_LOGGER and r.levelno == logging.WARNING]
+
+
+def test_unusable_cache_directory_reads_through(
+    mem: Any, tmp_path: Path, make_fs: MakeFs, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"a regular file")  # root ignores chmod; a file parent stops mkdir
+    data = payload(3 * BS + 1, seed=11)
+    url = put_object(mem, "obj", data)
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        fs = make_fs(directory=blocker / "cache")
+        assert fs.cat_file(url) == data
+        fs.reader.drop_memory()
+        assert fs.cat_file(url) == data
+    stats = fs.stats()
+    assert stats["degraded"] and not stats["enabled"] and stats["write_failures"] >= 1
+    assert stats["store_requests"] == 2 and stats["volume"] == 0
+    assert len(_cache_warnings(caplog)) == 1
+
+
+def test_full_disk_reads_through(
+    mem: Any, make_fs: MakeFs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    data = payload(10 * BS, seed=12)
+    url = put_object(mem, "obj", data)
+    fs = make_fs()
+    monkeypatch.setattr(diskcache.Cache, "set", disk_full)
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        assert fs.cat_file(url) == data
+        fs.reader.flush()
+        fs.reader.drop_memory()
+        assert fs.cat_file(url) == data
+        fs.reader.flush()
+    stats = fs.stats()
+    assert stats["degraded"] and stats["write_failures"] >= 1 and stats["errors"] >= 1
+    assert stats["store_requests"] == 2 and fs.reader.cache.entries() == 0
+    assert len(_cache_warnings(caplog)) == 1
+
+
+def test_failing_cache_reads_are_misses(
+    mem: Any, make_fs: MakeFs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = payload(2 * BS, seed=13)
+    url = put_object(mem, "obj", data)
+    make_fs().cat_file(url)
+
+    def locked(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    fs = make_fs()
+    monkeypatch.setattr(diskcache.Cache, "get", locked)
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        assert fs.cat_file(url) == data
+    stats = fs.stats()
+    assert stats["read_failures"] == 2 and stats["degraded"] and stats["misses"] == 2
+    assert len(_cache_warnings(caplog)) == 1
+
+
+def test_disabled_cache_reads_through(mem: Any, make_fs: MakeFs, cache_dir: Path) -> None:
+    data = payload(2 * BS, seed=14)
+    url = put_object(mem, "obj", data)
+    fs = make_fs(enabled=False)
+    for _ in range(2):
+        fs.reader.drop_memory()
+        assert fs.cat_file(url) == data
+    stats = fs.stats()
+    assert stats["store_requests"] == 2 and not stats["degraded"] and stats["errors"] == 0
+    assert not cache_dir.exists()
+
+
+def test_local_files_are_not_cached_unless_asked(tmp_path: Path, make_fs: MakeFs) -> None:
+    data = payload(3 * BS, seed=15)
+    path = tmp_path / "local.bin"
+    path.write_bytes(data)
+    plain = make_fs()
+    assert plain.cat_file(f"file://{path}", 10, 2 * BS) == data[10 : 2 * BS]
+    plain.reader.flush()
+    assert plain.reader.cache.entries() == 0 and plain.stats()["misses"] == 0
+    cached = make_fs(cache_local_files=True)
+    assert cached.cat_file(f"file://{path}") == data
+    cached.reader.flush()
+    assert cached.reader.cache.entries() == 3
+
+
+# -- concurrency and several processes --------------------------------------------
+
+_WORKER = textwrap.dedent(
+    """
+    import json, random, sys
+    from shoal.cache import CacheConfig, ShoalFileSystem
+    cache_dir, seed, *paths = sys.argv[1:]
+    originals = {p: open(p, "rb").read() for p in paths}
+    fs = ShoalFileSystem(cache=CacheConfig(directory=cache_dir, block_size=%d, size_limit=%d,
+                         memory_size=0, readahead_blocks=0, cache_local_files=True),
+                         protocols=("file",))
+    rng = random.Random(int(seed))
+    bad = 0
+    for _ in range(1000):
+        path = rng.choice(paths)
+        size = len(originals[path])
+        start = rng.randrange(size)
+        end = start + rng.randrange(1, 3 * %d)
+        bad += fs.cat_file("file://" + path, start, end) != originals[path][start:end]
+    bad += fs.cat_file("file://" + paths[0]) != originals[paths[0]]
+    fs.close()
+    print(json.dumps({"bad": bad, **fs.reader.metrics.snapshot()}))
+    """
+)
+
+
+def test_two_processes_share_one_cache_dir(tmp_path: Path, cache_dir: Path) -> None:
+    paths = []
+    for n in range(3):
+        path = tmp_path / f"obj{n}.bin"
+        path.write_bytes(payload(16 * BS + 17 * n, seed=20 + n))
+        paths.append(str(path))
+    size_limit = 32 * BS  # 48+ blocks in play: processes evict under each other
+    script = _WORKER % (BS, size_limit, BS)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(cache_dir), str(seed), *paths],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for result in results:
+        assert result["bad"] == 0
+        assert result["corrupt_blocks"] == 0 and result["write_failures"] == 0
+        assert result["read_failures"] == 0 and not result["degraded"]
+        assert result["hits"] > 0 and result["misses"] > 0
+    cache = BlockCache(CacheConfig(directory=cache_dir, block_size=BS, size_limit=size_limit))
+    try:
+        assert 0 < cache.entries() <= 51
+        assert cache.volume() <= size_limit + 2 * BS
+        persisted = cache.persisted_stats()
+        for name in ("hits", "misses", "bytes_from_store", "bytes_from_cache", "store_requests", "evictions"):
+            assert persisted[name] == sum(r[name] for r in results), name
+    finally:
+        cache.close()
+
+
+def test_persisted_stats_accumulate(mem: Any, make_fs: MakeFs, cache_dir: Path) -> None:
+    data = payload(3 * BS, seed=30)
+    url = put_object(mem, "obj", data)
+    for _ in range(2):
+        fs = make_fs()
+        fs.cat_file(url)
+        fs.reader.cache.flush_stats()
+        fs.reader.cache.flush_stats()  # a second flush adds nothing new
+        fs.close()
+    cache = BlockCache(CacheConfig(directory=cache_dir, block_size=BS))
+    try:
+        stats = cache.persisted_stats()
+        assert (stats["misses"], stats["hits"], stats["store_requests"]) == (3, 3, 1)
+        assert stats["bytes_from_store"] == stats["bytes_from_cache"] == len(data)
+        cache.clear()
+        assert cache.persisted_stats()["hits"] == 0 and cache.entries() == 0
+    finally:
+        cache.close()
+
+
+def test_threads_share_one_file_with_own_positions(mem: Any, make_fs: MakeFs) -> None:
+    data = payload(12 * BS + 5, seed=31)
+    url = put_object(mem, "obj", data)
+    fs = make_fs(readahead_blocks=4, memory_size=4 * BS)
+    f = fs.open(url)
+    barrier = threading.Barrier(8)
+    failures: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        barrier.wait()
+        try:
+            for _ in range(100):
+                start, length = rng.randrange(len(data)), rng.randrange(1, 2 * BS)
+                f.seek(start)
+                if f.read(length) != data[start : start + length] or f.tell() != min(start + length, len(data)):
+                    failures.append(f"thread {seed} at {start}+{length}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    f.close()
+    assert failures == []
+
+
+# -- DuckDB and pyarrow through the filesystem -----------------------------------------
+
+
+@pytest.fixture
+def parquet_file(tmp_path: Path) -> tuple[Path, pa.Table]:
+    rows = 12_000
+    rng = random.Random(40)
+    table = pa.table({
+        "id": pa.array(range(rows), pa.int64()),
+        "big": pa.array([rng.randbytes(150).hex() for _ in range(rows)]),
+        "small": pa.array([i % 7 for i in range(rows)], pa.int8()),
+    })
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=1000, compression="none")
+    return path, table
+
+
+def test_duckdb_reads_parquet_through_fs(mem: Any, make_fs: MakeFs, parquet_file: Any) -> None:
+    path, _ = parquet_file
+    url = put_object(mem, "t.parquet", path.read_bytes())
+    query = "SELECT id, small, md5(big) FROM read_parquet('{}') ORDER BY id"
+    expected = duckdb.connect().sql(query.format(path)).fetchall()
+    for warm in (False, True):
+        fs = make_fs()
+        con = duckdb.connect()
+        con.register_filesystem(fs)
+        assert con.sql(query.format(url)).fetchall() == expected
+        assert con.sql(f"SELECT sum(small) FROM '{url}' WHERE id >= 11000").fetchall() == [
+            (sum(i % 7 for i in range(11000, 12000)),)]
+        con.close()
+        fs.reader.flush()
+        assert (fs.stats()["store_requests"] == 0) == warm
+
+
+def test_pyarrow_projection_fetches_only_needed_ranges(
+    mem: Any, make_fs: MakeFs, parquet_file: Any
+) -> None:
+    path, table = parquet_file
+    url = put_object(mem, "t.parquet", path.read_bytes())
+    fs = make_fs(protocols=("memory",))  # pyarrow hands over paths without a scheme
+    read = pq.read_table(url.removeprefix("memory://"), filesystem=fs.to_pyarrow(), columns=["small"])
+    assert read.equals(table.select(["small"]))
+    stats = fs.stats()
+    assert 0 < stats["bytes_from_store"] < path.stat().st_size / 2
+    assert stats["misses"] < path.stat().st_size // BS
