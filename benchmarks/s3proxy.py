@@ -2,25 +2,26 @@
 
 Put it in front of SeaweedFS or moto so that benchmarks and fault tests see an
 object store that behaves like S3 (time to first byte, per-connection and
-aggregate bandwidth, 503 SlowDown, resets), whatever the client is written in
-(DuckDB httpfs is C++, so injecting inside a Python client would miss it).
+aggregate bandwidth, 503 SlowDown, resets) whatever the client is written in:
+DuckDB httpfs is C++, so injecting inside a Python client would miss it.
 
 Requests are forwarded byte-exactly, ``Host`` included: clients sign SigV4
 for the proxy's ``host:port`` and SeaweedFS checks the signature against the
 ``Host`` it receives, so rewriting it would break authentication.  Responses
 come back unchanged apart from the injected delays and faults.
 
-Reserved path (S3 bucket names cannot contain ``_``, so it never collides):
+Reserved path (S3 bucket names cannot contain ``_``, so it never collides;
+its traffic is not counted):
 
 * ``GET  /__shoal_proxy__/stats``   counters as JSON (same as ``S3Proxy.stats()``)
 * ``POST /__shoal_proxy__/reset``   zero the counters
-* ``POST /__shoal_proxy__/faults``  JSON body of ``FaultConfig`` fields to change
-* ``POST /__shoal_proxy__/profile`` JSON ``{"name": ..., <field>: ...}``
+* ``POST /__shoal_proxy__/faults``  JSON object of ``FaultConfig`` fields to change
+* ``POST /__shoal_proxy__/profile`` JSON ``{"name": ..., <LatencyProfile field>: ...}``
 
-Use in-process (``with S3Proxy(url, profile="s3-standard", seed=1) as p:``) or
-as ``python benchmarks/s3proxy.py --upstream http://127.0.0.1:8333
---listen 127.0.0.1:0 --profile s3-standard --seed 1``, which prints
-``LISTENING <port>`` on stdout when ready.  Only plain-HTTP upstreams.
+In-process: ``with S3Proxy(url, profile="s3-standard", seed=1) as p: ...p.url``.
+As a process: ``python benchmarks/s3proxy.py --upstream http://127.0.0.1:8333
+--listen 127.0.0.1:0 --profile s3-standard --seed 1`` prints ``LISTENING
+<port>`` on stdout when ready.  Plain-HTTP upstreams only.
 """
 
 from __future__ import annotations
@@ -42,83 +43,36 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 try:  # imported as benchmarks.s3proxy
-    from .latency_profiles import FAULT_KINDS, PROFILES, LatencyProfile, get_profile
+    from .latency_profiles import FAULT_KINDS, PACE, PROFILES, FaultConfig, LatencyProfile, Pacer, get_profile
 except ImportError:  # run as a script, or benchmarks/ is on sys.path
-    from latency_profiles import FAULT_KINDS, PROFILES, LatencyProfile, get_profile
+    from latency_profiles import FAULT_KINDS, PACE, PROFILES, FaultConfig, LatencyProfile, Pacer, get_profile
 
 __all__ = ["S3Proxy", "FaultConfig", "LatencyProfile", "PROFILES", "measure_overhead", "main"]
 
 log = logging.getLogger(__name__)
 
 CONTROL_PREFIX = b"/__shoal_proxy__/"
-CHUNK = 256 * 1024  # read size when relaying bodies: big enough to keep Python overhead low
-PACE = 64 * 1024  # write size and burst when pacing: ~1 ms at 60 MiB/s
+CHUNK = 256 * 1024  # relay read size: big enough to keep per-chunk Python cost low
 HEAD_LIMIT = 1 << 20  # max header block; also sizes the StreamReader buffers
 
-
-@dataclass(frozen=True, kw_only=True)
-class FaultConfig:
-    """Injected fault rates (probabilities per request, disjoint, sum <= 1).
-
-    Attributes:
-        slowdown_rate: answer ``503 SlowDown`` without contacting upstream.
-        reset_rate: send ``body_fraction`` of the body, then a TCP reset.
-        truncate_rate: send ``body_fraction`` of the body, then a clean close.
-        stall_rate: wait ``stall_s`` extra before the first response byte.
-        stall_s: length of a stall in seconds.
-        body_fraction: where resets and truncations cut the body.
-        only_get: inject faults (including the profile's errors) on GETs only.
-    """
-
-    slowdown_rate: float = 0.0
-    reset_rate: float = 0.0
-    truncate_rate: float = 0.0
-    stall_rate: float = 0.0
-    stall_s: float = 10.0
-    body_fraction: float = 0.5
-    only_get: bool = False
-
-    def __post_init__(self) -> None:
-        rates = (self.slowdown_rate, self.reset_rate, self.truncate_rate, self.stall_rate)
-        if any(r < 0 for r in rates) or sum(rates) > 1.0 + 1e-9:
-            raise ValueError("fault rates must be >= 0 and sum to <= 1")
-        if not 0.0 <= self.body_fraction <= 1.0 or self.stall_s < 0:
-            raise ValueError("body_fraction must be in [0, 1] and stall_s >= 0")
+Upstream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Emit = Callable[[bytes], Awaitable[None]]
 
 
 class _Cut(Exception):
     """Raised by the body sender when an injected reset/truncation point is hit."""
 
 
-class _Pacer:
-    """Token bucket in GCRA form: ``tat`` is when the bucket would be full again.
-
-    Keeping virtual time instead of sleeping per chunk makes the long-run rate
-    exact even though asyncio sleeps are coarse (~1 ms).
-    """
-
-    __slots__ = ("tat",)
-
-    def __init__(self) -> None:
-        self.tat = 0.0
-
-    def delay(self, n: int, rate: float, now: float) -> float:
-        """Reserve ``n`` bytes at ``rate``; return how long to wait before sending."""
-        self.tat = max(self.tat, now) + n / rate
-        return self.tat - now - PACE / rate
-
-
 def _parse_head(raw: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
-    """Split a header block into its first line's words and lower-cased headers."""
+    """Split a header block into its start line's words and lower-cased headers."""
     lines = raw[:-4].split(b"\r\n")
     first = lines[0].split(b" ", 2)
-    if len(first) < 2:
+    if len(first) < 3:
         raise ValueError(f"bad start line {lines[0][:80]!r}")
     headers: dict[bytes, bytes] = {}
     for line in lines[1:]:
@@ -131,7 +85,7 @@ def _parse_head(raw: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
 
 
 def _framing(headers: dict[bytes, bytes]) -> tuple[str, int]:
-    """Body framing per RFC 9112 6.3: ("chunked"|"length"|"close", length)."""
+    """Body framing per RFC 9112 section 6.3: ("chunked"|"length"|"close", length)."""
     te = headers.get(b"transfer-encoding")
     if te is not None and te.lower().rsplit(b",", 1)[-1].strip() == b"chunked":
         return "chunked", -1
@@ -148,13 +102,12 @@ def _keep_alive(version: bytes, headers: dict[bytes, bytes]) -> bool:
     return b"close" not in conn
 
 
-async def _copy_body(
-    reader: asyncio.StreamReader, framing: str, length: int, emit: Callable[[bytes], Awaitable[None]]
-) -> None:
+async def _copy_body(reader: asyncio.StreamReader, framing: str, length: int, emit: Emit) -> None:
     """Read one message body from ``reader`` and pass its raw bytes to ``emit``.
 
-    Chunked bodies are parsed only to find their end; the framing bytes are
-    passed through as they are, so the peer sees exactly what upstream sent.
+    Chunked bodies are parsed only to find their end; chunk-size lines and
+    trailers are passed through as they are, so the peer sees exactly what
+    was sent.
     """
     if framing == "length":
         remaining = length
@@ -169,12 +122,10 @@ async def _copy_body(
             line = await reader.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip(), 16)
             if size == 0:  # last chunk, then optional trailers up to an empty line
-                while True:
-                    trailer = await reader.readuntil(b"\r\n")
+                while (trailer := await reader.readuntil(b"\r\n")) != b"\r\n":
                     line += trailer
-                    if trailer == b"\r\n":
-                        await emit(line)
-                        return
+                await emit(line + trailer)
+                return
             await emit(line)
             await _copy_body(reader, "length", size + 2, emit)  # data plus its CRLF
     elif framing == "close":
@@ -182,25 +133,41 @@ async def _copy_body(
             await emit(data)
 
 
-def _slowdown_xml(target: bytes, request_id: str) -> bytes:
-    resource = escape(target.split(b"?", 1)[0].decode("latin-1"))
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-        "<Message>Please reduce your request rate.</Message>"
-        f"<Resource>{resource}</Resource><RequestId>{request_id}</RequestId>"
-        "<HostId>shoal-s3proxy</HostId></Error>"
-    ).encode()
+class _Request:
+    """One parsed client request (the raw head is kept for byte-exact forwarding)."""
+
+    def __init__(self, head: bytes) -> None:
+        first, self.headers = _parse_head(head)
+        self.head = head
+        self.method, self.target, self.version = first
+        self.framing, self.length = _framing(self.headers)
+        if self.framing == "close":  # a request without CL/TE has no body
+            self.framing, self.length = "length", 0
+        self.has_body = self.framing == "chunked" or self.length > 0
+        self.expect = b"100-continue" in self.headers.get(b"expect", b"").lower()
+        self.keep = _keep_alive(self.version, self.headers)
 
 
-Upstream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+class _Conn:
+    """A client connection and the upstream connection paired with it."""
+
+    def __init__(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self.cr, self.cw = cr, cw
+        self.up: Upstream | None = None
+        self.pacer = Pacer()  # per-connection bandwidth bucket
+
+    def drop_upstream(self) -> None:
+        if self.up is not None:
+            self.up[1].close()
+            self.up = None
 
 
 class S3Proxy:
     """S3 reverse proxy with injected latency, bandwidth caps and faults.
 
     ``start()`` runs the proxy on its own event loop in a daemon thread and
-    returns the bound port; all settings can be changed while it runs and
-    apply to requests that start afterwards.
+    returns the bound port.  Profile and faults can be changed while it runs;
+    changes apply to requests that start afterwards.
     """
 
     def __init__(
@@ -221,23 +188,20 @@ class S3Proxy:
         self._host, self._port = host, port
         # A random seed is still a seed: it is reported so a run can be replayed.
         self.seed = seed if seed is not None else secrets.randbits(32)
-        self._rng = random.Random(self.seed)
+        self._rng = random.Random(self.seed)  # only used on the proxy's loop thread
         self._profile = get_profile(profile)
         self._faults = faults or FaultConfig()
-        self._agg_pacer = _Pacer()
-        self._lock = threading.Lock()
+        self._agg_pacer = Pacer()
+        self._lock = threading.Lock()  # counters are read and reset from other threads
         self._counts: collections.Counter[str] = collections.Counter()
-        self._by_method: collections.Counter[str] = collections.Counter()
-        self._by_status: collections.Counter[str] = collections.Counter()
-        self._by_fault: collections.Counter[str] = collections.Counter()
         self._active = 0
         self._seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    # ----------------------------------------------------------------- API
+    # ------------------------------------------------------------------ API
     @property
     def port(self) -> int:
         return self._port
@@ -256,75 +220,73 @@ class S3Proxy:
         return self._faults
 
     def set_profile(self, profile: str | LatencyProfile | None = None, **overrides: Any) -> LatencyProfile:
-        """Switch profile (name or object), optionally overriding fields."""
+        """Switch profile (name or object) and/or override some of its fields."""
         base = get_profile(profile) if profile is not None else self._profile
         for key in ("tail", "bandwidth_range", "error_kinds"):  # JSON gives lists
             if isinstance(overrides.get(key), list):
-                value = overrides[key]
-                overrides[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                overrides[key] = tuple(tuple(v) if isinstance(v, list) else v for v in overrides[key])
         self._profile = base.replace(**overrides) if overrides else base
         log.info("profile %s", self._profile)
         return self._profile
 
     def set_faults(self, faults: FaultConfig | None = None, **changes: Any) -> FaultConfig:
-        """Replace the fault config, or change some of its fields."""
+        """Replace the fault config and/or change some of its fields."""
         self._faults = dataclasses.replace(faults or self._faults, **changes)
         log.info("faults %s", self._faults)
         return self._faults
 
     def stats(self) -> dict[str, Any]:
-        """Snapshot of the counters (control-path traffic is not counted)."""
+        """Snapshot of the counters."""
         with self._lock:
-            c = self._counts
-            return {
-                "requests": c["requests"],
-                "requests_by_method": dict(self._by_method),
-                "gets": self._by_method.get("GET", 0),
-                "responses_by_status": dict(self._by_status),
-                "bytes_sent": c["bytes_sent"],
-                "bytes_received": c["bytes_received"],
-                "bytes_from_upstream": c["bytes_from_upstream"],
-                "bytes_to_upstream": c["bytes_to_upstream"],
-                "faults": {k: self._by_fault.get(k, 0) for k in FAULT_KINDS},
-                "connections_opened": c["connections_opened"],
-                "connections_active": self._active,
-                "upstream_connections_opened": c["upstream_connections_opened"],
-                "profile": self._profile.name,
-                "seed": self.seed,
-            }
+            c, active = dict(self._counts), self._active
+
+        def group(prefix: str) -> dict[str, int]:
+            return {k[len(prefix) :]: v for k, v in c.items() if k.startswith(prefix)}
+
+        keys = ("requests", "bytes_sent", "bytes_received", "bytes_from_upstream", "bytes_to_upstream",
+                "connections_opened", "upstream_connections_opened")
+        return {
+            **{k: c.get(k, 0) for k in keys},
+            "requests_by_method": group("method:"),
+            "gets": c.get("method:GET", 0),
+            "responses_by_status": group("status:"),
+            "faults": {k: c.get(f"fault:{k}", 0) for k in FAULT_KINDS},
+            "connections_active": active,
+            "profile": self._profile.name,
+            "seed": self.seed,
+        }
 
     def reset_stats(self) -> None:
         """Zero all counters (the active-connection gauge is kept)."""
         with self._lock:
-            for counter in (self._counts, self._by_method, self._by_status, self._by_fault):
-                counter.clear()
+            self._counts.clear()
 
     def start(self) -> int:
         """Run the proxy on a daemon thread; return the bound port."""
         if self._thread is not None:
             raise RuntimeError("proxy already started")
-        self._loop = asyncio.new_event_loop()
+        loop = self._loop = asyncio.new_event_loop()
         ready = threading.Event()
         failure: list[BaseException] = []
 
         def run() -> None:
-            asyncio.set_event_loop(self._loop)
+            asyncio.set_event_loop(loop)
             try:
-                self._loop.run_until_complete(self._listen())
-            except BaseException as exc:  # report bind errors to the caller
+                loop.run_until_complete(self._listen())
+            except BaseException as exc:  # e.g. port in use: report to the caller
                 failure.append(exc)
-                self._loop.close()
-                ready.set()
+                loop.close()
                 return
-            ready.set()
-            self._loop.run_forever()
+            finally:
+                ready.set()
+            loop.run_forever()
 
-        self._thread = threading.Thread(target=run, name=f"s3proxy-{self.upstream}", daemon=True)
+        self._thread = threading.Thread(target=run, name=f"s3proxy-{self._up_addr[1]}", daemon=True)
         self._thread.start()
         ready.wait()
         if failure:
             self._thread.join()
-            self._thread = None
+            self._loop = self._thread = None
             raise failure[0]
         log.info("s3proxy %s -> %s profile=%s seed=%d", self.url, self.upstream, self._profile.name, self.seed)
         return self._port
@@ -356,20 +318,18 @@ class S3Proxy:
             self._counts[key] += n
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle_client, self._host, self._port, limit=HEAD_LIMIT, backlog=1024
-        )
+        self._server = await asyncio.start_server(self._handle_client, self._host, self._port,
+                                                  limit=HEAD_LIMIT, backlog=1024)
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        assert self._server is not None
+        self._server.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
-        if self._server is not None:
-            await self._server.wait_closed()
+        await self._server.wait_closed()
 
     async def _handle_client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         """Serve one client connection: a keep-alive loop of request/response."""
@@ -379,8 +339,7 @@ class S3Proxy:
         self._add("connections_opened")
         with self._lock:
             self._active += 1
-        up: Upstream | None = None
-        pacer = _Pacer()
+        conn = _Conn(cr, cw)
         try:
             if self._profile.connect_delay_s > 0:  # models TCP (+TLS) setup
                 await asyncio.sleep(self._profile.connect_delay_s)
@@ -394,233 +353,207 @@ class S3Proxy:
                     await self._send_local(cw, 431, "Request Header Fields Too Large", b"", False)
                     break
                 try:
-                    first, headers = _parse_head(head)
-                    method, target, version = first[0], first[1], first[2] if len(first) > 2 else b""
-                    _framing(headers)  # validates Content-Length before we forward anything
+                    req = _Request(head)
                 except ValueError as exc:
                     log.warning("bad request from client: %s", exc)
                     await self._send_local(cw, 400, "Bad Request", b"", False)
                     break
-                if target.startswith(CONTROL_PREFIX):
-                    keep = await self._control(method, target, version, headers, cr, cw)
+                if req.target.startswith(CONTROL_PREFIX):
+                    keep = await self._control(req, conn)
                 else:
-                    keep, up = await self._exchange(head, method, target, version, headers, cr, cw, up, pacer)
+                    keep = await self._exchange(req, conn)
         except (ConnectionError, EOFError, OSError) as exc:
             log.debug("connection ended: %r", exc)
         except asyncio.CancelledError:
-            # Only stop() cancels these tasks.  Ending normally matters: on
-            # Python 3.11 asyncio logs a spurious error for a cancelled
-            # client_connected_cb task.
+            # Only stop() cancels these tasks.  Ending normally matters: Python
+            # 3.11 logs a spurious error for a cancelled client_connected_cb task.
             log.debug("connection cancelled by stop()")
         except Exception:
             log.exception("s3proxy connection failed")
         finally:
-            if up is not None:
-                up[1].close()
+            conn.drop_upstream()
             if not cw.transport.is_closing():
                 cw.close()
             with self._lock:
                 self._active -= 1
             self._tasks.discard(task)
 
-    def _draw_fault(self, method: bytes, profile: LatencyProfile, faults: FaultConfig) -> str | None:
-        if faults.only_get and method != b"GET":
-            return None
-        u, acc = self._rng.random(), 0.0
-        for kind in FAULT_KINDS:
-            acc += getattr(faults, f"{kind}_rate")
-            if u < acc:
-                return kind
-        if profile.error_rate and self._rng.random() < profile.error_rate:
-            return self._rng.choice(profile.error_kinds)
-        return None
-
-    async def _open_upstream(self) -> Upstream:
-        reader, writer = await asyncio.open_connection(*self._up_addr, limit=HEAD_LIMIT)
-        self._add("upstream_connections_opened")
-        return reader, writer
-
-    async def _exchange(
-        self,
-        head: bytes,
-        method: bytes,
-        target: bytes,
-        version: bytes,
-        headers: dict[bytes, bytes],
-        cr: asyncio.StreamReader,
-        cw: asyncio.StreamWriter,
-        up: Upstream | None,
-        pacer: _Pacer,
-    ) -> tuple[bool, Upstream | None]:
-        """Forward one request and relay its response; return (keep-alive, upstream)."""
+    async def _exchange(self, req: _Request, conn: _Conn) -> bool:
+        """Forward one request and relay its response; return whether to keep the connection."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         profile, faults = self._profile, self._faults  # one consistent view per request
         with self._lock:
             self._counts["requests"] += 1
-            self._counts["bytes_received"] += len(head)
-            self._by_method[method.decode("latin-1")] += 1
+            self._counts["bytes_received"] += len(req.head)
+            self._counts["method:" + req.method.decode("latin-1")] += 1
             self._seq += 1
             request_id = f"{self._seq:016X}"
-        fault = self._draw_fault(method, profile, faults)
-        ttfb = profile.sample_ttfb(self._rng)
+        fault = faults.draw(self._rng, req.method, profile)
+        ttfb = profile.sample_ttfb(self._rng) + (faults.stall_s if fault == "stall" else 0.0)
         bandwidth = profile.sample_bandwidth(self._rng)
-        framing, length = _framing(headers)
-        has_body = framing == "chunked" or (framing == "length" and length > 0)
-        expect = b"100-continue" in headers.get(b"expect", b"").lower()
-        keep = _keep_alive(version, headers)
-
-        async def count_in(data: bytes) -> None:
-            self._add("bytes_received", len(data))
-
+        if fault is not None:
+            self._add("fault:" + fault)
+        log.debug("%s %s ttfb=%.4f bw=%s fault=%s", req.method.decode("latin-1"),
+                  req.target[:120].decode("latin-1"), ttfb, bandwidth, fault)
         if fault == "slowdown":
-            with self._lock:
-                self._by_fault[fault] += 1
-            if has_body and expect:
-                keep = False  # the client waits for 100 Continue; its body will not come
-            elif has_body:
-                await _copy_body(cr, framing, length, count_in)
-            await asyncio.sleep(max(0.0, t0 + ttfb - loop.time()))
-            extra = [f"x-amz-request-id: {request_id}", f"x-amz-id-2: {request_id}"]
-            await self._send_local(cw, 503, "Slow Down", _slowdown_xml(target, request_id), keep,
-                                   "application/xml", extra, head_only=method == b"HEAD")
-            return keep, up
+            return await self._slowdown(req, conn, t0 + ttfb, request_id)
 
-        done_at = [t0]  # when the request body was fully forwarded
-
-        async def pump() -> None:
-            async def emit(data: bytes) -> None:
-                up_w.write(data)
-                with self._lock:
-                    self._counts["bytes_received"] += len(data)
-                    self._counts["bytes_to_upstream"] += len(data)
-                await up_w.drain()
-
-            await _copy_body(cr, framing, length, emit)
-            done_at[0] = loop.time()
-
-        async def final_head() -> tuple[bytes, bool]:
-            sent_continue = False
-            while True:
-                rhead = await up_r.readuntil(b"\r\n\r\n")
-                status = int(rhead.split(b" ", 2)[1])
-                if not (100 <= status < 200) or status == 101:
-                    return rhead, sent_continue
-                cw.write(rhead)  # 100 Continue: pass on at once, it is not the first byte
-                await cw.drain()
-                sent_continue = True
-
-        pump_task: asyncio.Task[None] | None = None
+        pump: asyncio.Task[float] | None = None
         try:
-            for attempt in (0, 1):
-                if up is None or up[0].at_eof() or up[1].is_closing():
-                    if up is not None:
-                        up[1].close()
-                    try:
-                        up = await self._open_upstream()
-                    except OSError as exc:
-                        log.warning("upstream %s unreachable: %s", self.upstream, exc)
-                        await self._send_local(cw, 502, "Bad Gateway", str(exc).encode(), False)
-                        return False, None
-                up_r, up_w = up
-                up_w.write(head)  # byte-exact, Host unchanged (SigV4)
-                self._add("bytes_to_upstream", len(head))
-                try:
-                    if not has_body:
-                        await up_w.drain()
-                        rhead, sent_continue = await final_head()
-                        break
-                    pump_task = asyncio.create_task(pump())
-                    head_task = asyncio.create_task(final_head())
-                    await asyncio.wait({pump_task, head_task}, return_when=asyncio.FIRST_COMPLETED)
-                    if pump_task.done() and pump_task.exception() is not None:
-                        head_task.cancel()
-                        raise pump_task.exception()  # type: ignore[misc]
-                    rhead, sent_continue = await head_task
-                    break
-                except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                    up[1].close()
-                    up = None
-                    stale = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
-                    if attempt == 0 and not has_body and stale:
-                        log.debug("upstream connection went stale; retrying once")
-                        continue  # an idle keep-alive connection was closed by upstream
-                    raise
-
+            forwarded = await self._forward(req, conn, t0)
+            if forwarded is None:
+                return False
+            rhead, sent_continue, pump, t_ref = forwarded
             rfirst, rheaders = _parse_head(rhead)
             status = int(rfirst[1])
             self._add("bytes_from_upstream", len(rhead))
-            no_body = method == b"HEAD" or status in (204, 304)
+            no_body = req.method == b"HEAD" or status in (204, 304)
             rframing, rlength = ("length", 0) if no_body else _framing(rheaders)
             up_keep = _keep_alive(rfirst[0], rheaders) and rframing != "close"
-
-            # TTFB counts from the moment the request was complete; upstream's
-            # own latency is part of it, not added to it.
-            t_ref = t0 if pump_task is None else (done_at[0] if pump_task.done() else loop.time())
-            if fault == "stall":
-                ttfb += faults.stall_s
             cut_at: int | None = None
             if fault in ("reset", "truncate"):
-                # Cut strictly inside the body so the client must notice; with
-                # no body or an unknown length, cut before/after the header.
-                if rframing == "length":
-                    cut_at = min(int(rlength * faults.body_fraction), rlength - 1)
-                else:
-                    cut_at = 0
-            if fault is not None:
-                with self._lock:
-                    self._by_fault[fault] += 1
+                # Cut strictly inside the body so that the client must notice;
+                # no body: cut before the head; unknown length: right after it.
+                cut_at = min(int(rlength * faults.body_fraction), rlength - 1) if rframing == "length" else 0
+            # TTFB counts from when the request was complete: upstream's own
+            # latency is part of it, not added to it.
             await asyncio.sleep(max(0.0, t_ref + ttfb - loop.time()))
             if cut_at is not None and cut_at < 0:
-                await self._cut(cw, fault)  # type: ignore[arg-type]
-                return False, up
-
-            with self._lock:  # count before writing: the client may read stats next
+                await self._cut(conn.cw, fault)  # type: ignore[arg-type]
+                return False
+            with self._lock:  # count before writing: the client may read the stats next
                 self._counts["bytes_sent"] += len(rhead)
-                self._by_status[str(status)] += 1
-            cw.write(rhead)
+                self._counts[f"status:{status}"] += 1
+            conn.cw.write(rhead)
             sent = 0
 
             async def send(data: bytes) -> None:
                 nonlocal sent
                 self._add("bytes_from_upstream", len(data))
                 if cut_at is not None and sent + len(data) >= cut_at:
-                    if cut_at > sent:
-                        await self._paced_write(cw, data[: cut_at - sent], bandwidth, pacer)
+                    await self._paced_write(conn, data[: cut_at - sent], bandwidth)
                     raise _Cut
-                await self._paced_write(cw, data, bandwidth, pacer)
+                await self._paced_write(conn, data, bandwidth)
                 sent += len(data)
 
             try:
-                await _copy_body(up_r, rframing, rlength, send)
+                assert conn.up is not None
+                await _copy_body(conn.up[0], rframing, rlength, send)
             except _Cut:
-                await self._cut(cw, fault)  # type: ignore[arg-type]
-                return False, up
-            await cw.drain()
-
-            if pump_task is not None and not pump_task.done():
+                await self._cut(conn.cw, fault)  # type: ignore[arg-type]
+                return False
+            await conn.cw.drain()
+            if pump is not None and not pump.done():
                 # Upstream answered before reading the whole body (an error, or
-                # no 100 Continue): the connection state is unknown, so close.
-                await asyncio.wait({pump_task}, timeout=0 if expect and not sent_continue else 1.0)
-                if not pump_task.done():
-                    return False, up
+                # no 100 Continue), so the connection state is unknown: close.
+                await asyncio.wait({pump}, timeout=0 if req.expect and not sent_continue else 1.0)
+                if not pump.done():
+                    return False
             if not up_keep:
-                up[1].close()
-                return False, None
-            return keep, up
-        except BaseException:
-            if up is not None:  # may be a connection opened here, unknown to the caller
-                up[1].close()
-            raise
+                conn.drop_upstream()
+                return False
+            return req.keep
         finally:
-            if pump_task is not None and not pump_task.done():
-                pump_task.cancel()
+            if pump is not None and not pump.done():
+                pump.cancel()
 
-    async def _paced_write(
-        self, cw: asyncio.StreamWriter, data: bytes, bandwidth: float | None, pacer: _Pacer
-    ) -> None:
-        """Write to the client at no more than the per-connection and aggregate caps."""
-        aggregate = self._profile.aggregate_bytes_per_s
+    async def _forward(
+        self, req: _Request, conn: _Conn, t0: float
+    ) -> tuple[bytes, bool, asyncio.Task[float] | None, float] | None:
+        """Send the request upstream and wait for the final response head.
+
+        Returns (head, sent 100 Continue, body pump task, time the request was
+        complete), or None after answering 502 when upstream is unreachable.
+        A bodiless request is retried once on a fresh connection when a kept-
+        alive upstream connection turns out to have been closed.
+        """
+        for attempt in (0, 1):
+            if conn.up is None or conn.up[0].at_eof() or conn.up[1].is_closing():
+                conn.drop_upstream()
+                try:
+                    conn.up = await asyncio.open_connection(*self._up_addr, limit=HEAD_LIMIT)
+                except OSError as exc:
+                    log.warning("upstream %s unreachable: %s", self.upstream, exc)
+                    await self._send_local(conn.cw, 502, "Bad Gateway", str(exc).encode(), False)
+                    return None
+                self._add("upstream_connections_opened")
+            up_r, up_w = conn.up
+            up_w.write(req.head)  # byte-exact, Host unchanged (SigV4)
+            self._add("bytes_to_upstream", len(req.head))
+            try:
+                if not req.has_body:
+                    await up_w.drain()
+                    return (*await self._final_head(up_r, conn.cw), None, t0)
+                pump = asyncio.create_task(self._pump(req, conn.cr, up_w))
+                head = asyncio.create_task(self._final_head(up_r, conn.cw))
+                await asyncio.wait({pump, head}, return_when=asyncio.FIRST_COMPLETED)
+                if pump.done() and pump.exception() is not None:
+                    head.cancel()  # the client went away mid-body
+                    raise pump.exception()  # type: ignore[misc]
+                try:
+                    rhead, sent_continue = await head
+                except BaseException:
+                    pump.cancel()
+                    raise
+                done_at = pump.result() if pump.done() else asyncio.get_running_loop().time()
+                return rhead, sent_continue, pump, done_at
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                conn.drop_upstream()
+                stale = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
+                if attempt or req.has_body or not stale:
+                    raise
+                log.debug("kept-alive upstream connection was closed; retrying once")
+        raise AssertionError("unreachable")
+
+    async def _pump(self, req: _Request, cr: asyncio.StreamReader, up_w: asyncio.StreamWriter) -> float:
+        """Copy the request body to upstream; return the loop time when done."""
+        async def emit(data: bytes) -> None:
+            with self._lock:
+                self._counts["bytes_received"] += len(data)
+                self._counts["bytes_to_upstream"] += len(data)
+            up_w.write(data)
+            await up_w.drain()
+
+        await _copy_body(cr, req.framing, req.length, emit)
+        return asyncio.get_running_loop().time()
+
+    async def _final_head(self, up_r: asyncio.StreamReader, cw: asyncio.StreamWriter) -> tuple[bytes, bool]:
+        """Read response heads until a final one; pass 1xx on at once (not delayed)."""
+        sent_continue = False
+        while True:
+            rhead = await up_r.readuntil(b"\r\n\r\n")
+            status = int(rhead.split(b" ", 2)[1])
+            if not 100 <= status < 200 or status == 101:
+                return rhead, sent_continue
+            cw.write(rhead)
+            await cw.drain()
+            sent_continue = True
+
+    async def _slowdown(self, req: _Request, conn: _Conn, deadline: float, request_id: str) -> bool:
+        """Answer 503 SlowDown like S3 does, without contacting upstream."""
+        keep = req.keep
+        if req.has_body and req.expect:
+            keep = False  # the client waits for 100 Continue; its body will not come
+        elif req.has_body:
+            async def discard(data: bytes) -> None:
+                self._add("bytes_received", len(data))
+
+            await _copy_body(conn.cr, req.framing, req.length, discard)
+        await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+        resource = escape(req.target.split(b"?", 1)[0].decode("latin-1"))
+        body = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                "<Message>Please reduce your request rate.</Message>"
+                f"<Resource>{resource}</Resource><RequestId>{request_id}</RequestId>"
+                "<HostId>shoal-s3proxy</HostId></Error>").encode()
+        extra = [f"x-amz-request-id: {request_id}", f"x-amz-id-2: {request_id}"]
+        await self._send_local(conn.cw, 503, "Slow Down", body, keep, "application/xml", extra,
+                               head_only=req.method == b"HEAD")
+        return keep
+
+    async def _paced_write(self, conn: _Conn, data: bytes, bandwidth: float | None) -> None:
+        """Write to the client within the per-connection and aggregate caps."""
+        cw, aggregate = conn.cw, self._profile.aggregate_bytes_per_s
         if bandwidth is None and aggregate is None:
             self._add("bytes_sent", len(data))
             cw.write(data)
@@ -631,7 +564,7 @@ class S3Proxy:
         for i in range(0, len(view), PACE):
             piece = view[i : i + PACE]
             now = loop.time()
-            wait = pacer.delay(len(piece), bandwidth, now) if bandwidth else 0.0
+            wait = conn.pacer.delay(len(piece), bandwidth, now) if bandwidth else 0.0
             if aggregate:
                 wait = max(wait, self._agg_pacer.delay(len(piece), aggregate, now))
             if wait > 0:
@@ -642,12 +575,12 @@ class S3Proxy:
 
     async def _cut(self, cw: asyncio.StreamWriter, kind: str) -> None:
         """End the client connection abruptly: RST for "reset", FIN otherwise."""
-        transport = cw.transport
         if kind != "reset":
             cw.close()  # close() flushes what was written, then sends FIN
             return
         # Let the prefix reach the client first: with SO_LINGER 0 the kernel
         # drops unsent data and sends RST instead of FIN.
+        transport = cw.transport
         deadline = time.monotonic() + 2.0
         while transport.get_write_buffer_size() and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
@@ -656,127 +589,91 @@ class S3Proxy:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
 
-    async def _send_local(
-        self,
-        cw: asyncio.StreamWriter,
-        status: int,
-        reason: str,
-        body: bytes,
-        keep: bool,
-        content_type: str = "text/plain",
-        extra: list[str] | None = None,
-        head_only: bool = False,
-        counted: bool = True,
-    ) -> None:
-        """Answer from the proxy itself (injected 503, control path, 4xx/502)."""
-        lines = [
-            f"HTTP/1.1 {status} {reason}",
-            f"Date: {email.utils.formatdate(usegmt=True)}",
-            "Server: shoal-s3proxy",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-            *(extra or []),
-            "Connection: keep-alive" if keep else "Connection: close",
-        ]
+    async def _send_local(self, cw: asyncio.StreamWriter, status: int, reason: str, body: bytes, keep: bool,
+                          content_type: str = "text/plain", extra: list[str] | None = None,
+                          head_only: bool = False, counted: bool = True) -> None:
+        """Answer from the proxy itself (injected 503, control path, 4xx, 502)."""
+        lines = [f"HTTP/1.1 {status} {reason}", f"Date: {email.utils.formatdate(usegmt=True)}",
+                 "Server: shoal-s3proxy", f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
+                 *(extra or []), "Connection: keep-alive" if keep else "Connection: close"]
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
         if counted:
             with self._lock:
                 self._counts["bytes_sent"] += len(data)
-                self._by_status[str(status)] += 1
+                self._counts[f"status:{status}"] += 1
         cw.write(data)
         await cw.drain()
 
-    async def _control(
-        self,
-        method: bytes,
-        target: bytes,
-        version: bytes,
-        headers: dict[bytes, bytes],
-        cr: asyncio.StreamReader,
-        cw: asyncio.StreamWriter,
-    ) -> bool:
+    async def _control(self, req: _Request, conn: _Conn) -> bool:
         """Serve the reserved ``/__shoal_proxy__/`` path; return keep-alive."""
-        keep = _keep_alive(version, headers)
-        framing, length = _framing(headers)
         chunks: list[bytes] = []
 
         async def collect(data: bytes) -> None:
             chunks.append(data)
 
-        if framing == "chunked" or length > 0:
-            await _copy_body(cr, framing, length, collect)
-        name = target.split(b"?", 1)[0][len(CONTROL_PREFIX) :].decode("latin-1").strip("/")
+        await _copy_body(conn.cr, req.framing, req.length, collect)
+        name = req.target.split(b"?", 1)[0][len(CONTROL_PREFIX) :].decode("latin-1").strip("/")
         status, reason, payload = 200, "OK", None
         try:
-            if framing == "chunked":
+            if req.framing == "chunked":
                 raise ValueError("send control bodies with Content-Length")
             body = json.loads(b"".join(chunks) or b"{}")
             if not isinstance(body, dict):
                 raise TypeError("control body must be a JSON object")
-            if method == b"GET" and name == "stats":
+            if req.method == b"GET" and name == "stats":
                 payload = self.stats()
-            elif method == b"POST" and name == "reset":
+            elif req.method == b"POST" and name == "reset":
                 self.reset_stats()
                 payload = {"reset": True}
-            elif method == b"POST" and name == "faults":
+            elif req.method == b"POST" and name == "faults":
                 payload = dataclasses.asdict(self.set_faults(**body))
-            elif method == b"POST" and name == "profile":
+            elif req.method == b"POST" and name == "profile":
                 payload = self.set_profile(body.pop("name", None), **body).to_dict()
             else:
                 status, reason, payload = 404, "Not Found", {"error": f"no control endpoint {name!r}"}
         except (ValueError, TypeError) as exc:
             status, reason, payload = 400, "Bad Request", {"error": str(exc)}
-        data = json.dumps(payload).encode()
-        await self._send_local(cw, status, reason, data, keep, "application/json", counted=False)
-        return keep
+        await self._send_local(conn.cw, status, reason, json.dumps(payload).encode(), req.keep,
+                               "application/json", counted=False)
+        return req.keep
 
 
-def measure_overhead(
-    upstream_url: str,
-    *,
-    n: int = 30,
-    size: int = 1 << 20,
-    bucket: str = "shoal-proxy-overhead",
-    key: str = "overhead.bin",
-    access_key: str | None = None,
-    secret_key: str | None = None,
-    region: str = "us-east-1",
-    seed: int = 0,
-) -> dict[str, Any]:
+def measure_overhead(upstream_url: str, *, n: int = 30, size: int = 1 << 20, bucket: str = "shoal-proxy-overhead",
+                     key: str = "overhead.bin", access_key: str | None = None, secret_key: str | None = None,
+                     region: str = "us-east-1", seed: int = 0) -> dict[str, Any]:
     """Time ``n`` ranged GETs of ``size`` bytes directly vs through the proxy.
 
     The proxy runs in this process with profile "none", so the ratio is its
-    own cost (CPU and one extra loopback hop).  Direct and proxied GETs
-    alternate so that drift in the upstream affects both equally.
+    own cost (CPU plus one more loopback hop).  Direct and proxied GETs
+    alternate so that drift in the upstream affects both alike.  Credentials
+    default to $AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY, else "x"/"y".
     """
-    import boto3  # local: the proxy itself needs nothing outside the stdlib
+    import boto3  # local import: the proxy itself needs only the stdlib
     from botocore.config import Config
 
-    access_key = access_key or os.environ.get("AWS_ACCESS_KEY_ID", "x")
-    secret_key = secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "y")
     config = Config(retries={"total_max_attempts": 1}, s3={"addressing_style": "path"})
+    creds = {"aws_access_key_id": access_key or os.environ.get("AWS_ACCESS_KEY_ID", "x"),
+             "aws_secret_access_key": secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "y")}
 
     def client(url: str) -> Any:
-        return boto3.client("s3", endpoint_url=url, aws_access_key_id=access_key,
-                            aws_secret_access_key=secret_key, region_name=region, config=config)
+        return boto3.client("s3", endpoint_url=url, region_name=region, config=config, **creds)
 
     rng = random.Random(seed)
     direct = client(upstream_url)
     try:
         direct.create_bucket(Bucket=bucket)
-    except direct.exceptions.ClientError as exc:  # already there is fine
+    except direct.exceptions.ClientError as exc:
         if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
             raise
     blob = rng.randbytes(4 * size)
     direct.put_object(Bucket=bucket, Key=key, Body=blob)
     times: dict[str, list[float]] = {"direct": [], "proxy": []}
-    cpu: dict[str, float] = {"direct": 0.0, "proxy": 0.0}
+    cpu = {"direct": 0.0, "proxy": 0.0}
     with S3Proxy(upstream_url, profile="none", seed=seed) as proxy:
         clients = {"direct": direct, "proxy": client(proxy.url)}
-        for i in range(n + 3):  # the first 3 rounds warm up connections
+        for i in range(n + 3):  # the first 3 rounds only warm up
             offset = rng.randrange(0, 3 * size)
-            order = ("direct", "proxy") if i % 2 else ("proxy", "direct")
-            for name in order:
+            for name in ("direct", "proxy") if i % 2 else ("proxy", "direct"):
                 c0, t = time.process_time(), time.perf_counter()
                 got = clients[name].get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}")
                 data = got["Body"].read()
@@ -786,37 +683,34 @@ def measure_overhead(
                 if i >= 3:
                     times[name].append(dt)
                     cpu[name] += dc
-        proxy_stats = proxy.stats()
+        proxy_gets = proxy.stats()["gets"]
     direct.delete_object(Bucket=bucket, Key=key)
     med = {k: statistics.median(v) for k, v in times.items()}
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
     return {
-        "n": n,
-        "size": size,
-        "upstream": upstream_url,
-        "median_s": med,
-        "mean_s": {k: statistics.fmean(v) for k, v in times.items()},
-        "min_s": {k: min(v) for k, v in times.items()},
-        "max_s": {k: max(v) for k, v in times.items()},
-        "ratio_median": med["proxy"] / med["direct"],
-        "ratio_mean": statistics.fmean(times["proxy"]) / statistics.fmean(times["direct"]),
+        "n": n, "size": size, "upstream": upstream_url, "median_s": med, "mean_s": mean,
+        "min_s": {k: min(v) for k, v in times.items()}, "max_s": {k: max(v) for k, v in times.items()},
+        "ratio_median": med["proxy"] / med["direct"], "ratio_mean": mean["proxy"] / mean["direct"],
+        # Process CPU per GET: client (+ proxy thread on the proxied side;
+        # + the upstream too if it runs in this process, like ThreadedMotoServer).
         "process_cpu_s_per_get": {k: v / n for k, v in cpu.items()},
-        "proxy_gets": proxy_stats["gets"],
+        "proxy_gets": proxy_gets,
     }
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--upstream", required=True, help="S3 server URL, e.g. http://127.0.0.1:8333")
-    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 = any free port)")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
     p.add_argument("--profile", default="none", choices=sorted(PROFILES))
     p.add_argument("--seed", type=int, default=None, help="RNG seed (random and printed if unset)")
-    p.add_argument("--bandwidth-mib-s", type=float, help="override per-connection cap (0 = none)")
-    p.add_argument("--aggregate-mib-s", type=float, help="override aggregate cap (0 = none)")
+    p.add_argument("--bandwidth-mib-s", type=float, help="override the per-connection cap (0: none)")
+    p.add_argument("--aggregate-mib-s", type=float, help="override the aggregate cap (0: none)")
     p.add_argument("--error-rate", type=float, help="override the profile's error rate")
     for kind in FAULT_KINDS:
         p.add_argument(f"--{kind}-rate", type=float, default=0.0, help=f"probability of a {kind} fault")
     p.add_argument("--stall-s", type=float, default=10.0, help="length of a first-byte stall")
-    p.add_argument("--body-fraction", type=float, default=0.5, help="where resets/truncations cut")
+    p.add_argument("--body-fraction", type=float, default=0.5, help="where resets/truncations cut the body")
     p.add_argument("--only-get", action="store_true", help="inject faults on GETs only")
     p.add_argument("--measure-overhead", action="store_true",
                    help="time ranged GETs direct vs through the proxy, print JSON, exit")
@@ -832,8 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.measure_overhead:
-        result = measure_overhead(args.upstream, n=args.n, size=args.size, seed=args.seed or 0)
-        print(json.dumps(result, indent=2))
+        print(json.dumps(measure_overhead(args.upstream, n=args.n, size=args.size, seed=args.seed or 0), indent=2))
         return 0
     host, _, port = args.listen.rpartition(":")
     overrides: dict[str, Any] = {}
@@ -852,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     proxy.start()
     print(f"s3proxy: upstream={proxy.upstream} profile={args.profile} seed={proxy.seed} "
-          f"control={proxy.url}/__shoal_proxy__/stats", file=sys.stderr, flush=True)
+          f"stats={proxy.url}/__shoal_proxy__/stats", file=sys.stderr, flush=True)
     print(f"LISTENING {proxy.port}", flush=True)
     try:
         while not stop.wait(0.5):

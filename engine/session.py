@@ -210,11 +210,12 @@ class Session:
             profile = QueryProfile(executor=self.executor.name, workers=self.workers)
             started = time.perf_counter()
             try:
+                before = self.fs.reader.ledger.snapshot()
                 with self.fs.snapshot():
                     plan = self._plan(query)
                     profile.plan = plan
                     profile.stages["plan"] = time.perf_counter() - started
-                    table = self._execute(plan, profile, progress)
+                    table = self._execute(plan, profile, progress, before)
             except KeyboardInterrupt:
                 self._cancel.set()
                 raise QueryCancelled("query cancelled") from None
@@ -225,8 +226,10 @@ class Session:
             profile.stages["total"] = time.perf_counter() - started
             return QueryResult(table=table, profile=profile)
 
-    def _execute(self, plan: Any, profile: QueryProfile, progress: Progress | None) -> pa.Table:
-        before = self.fs.reader.ledger.snapshot()
+    def _execute(self, plan: Any, profile: QueryProfile, progress: Progress | None,
+                 before: dict[str, Any]) -> pa.Table:
+        """Scan on workers, then finish on the coordinator; I/O is counted from ``before``
+        (planning reads footers, which count too)."""
         scan_started = time.perf_counter()
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         tasks = tasks_for(plan.scans, threads=threads)

@@ -147,12 +147,16 @@ def test_wrong_secret(s3_endpoint: S3Endpoint, s3_client: Any, s3_bucket: str, m
     assert_clean_error(info.value, wrong)
 
 
-def test_unreachable_endpoint(make_fs: MakeFs) -> None:
+def test_unreachable_endpoint(tmp_path: Path) -> None:
     secret = "unreachable-secret-0123456789"
-    fs = make_fs(store={"endpoint_url": f"http://127.0.0.1:{free_port()}", "secret_key": secret,
-                        "max_attempts": 1, "connect_timeout": 1, "read_timeout": 2})
-    with pytest.raises(EndpointUnreachableError) as info:
-        fs.cat_file("s3://bucket/key")
+    store = StoreConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key="AKID", secret_key=secret,
+                        region="us-east-1", max_attempts=1, connect_timeout=1, read_timeout=2)
+    fs = ShoalFileSystem(cache=CacheConfig(directory=tmp_path / "cache", block_size=BS), store=store)
+    try:
+        with pytest.raises(EndpointUnreachableError) as info:
+            fs.cat_file("s3://bucket/key")
+    finally:
+        fs.close()
     assert isinstance(info.value, ConnectionError)
     assert_clean_error(info.value, secret)
 

@@ -65,9 +65,9 @@ def make_fs(cache_dir: Path) -> Iterator[MakeFs]:
     """New ShoalFileSystems (fresh process memory tier) over one cache dir; closed at the end."""
     made: list[ShoalFileSystem] = []
 
-    def make(protocols: tuple[str, ...] = ("memory", "file"), **config: Any) -> ShoalFileSystem:
+    def make(**config: Any) -> ShoalFileSystem:
         config = {"directory": cache_dir, "block_size": BS, "readahead_blocks": 0, **config}
-        fs = ShoalFileSystem(cache=CacheConfig(**config), store=StoreConfig(), protocols=protocols)
+        fs = ShoalFileSystem(cache=CacheConfig(**config), store=StoreConfig(), protocols=("memory", "file"))
         made.append(fs)
         return fs
 
@@ -590,8 +590,8 @@ def test_pyarrow_projection_fetches_only_needed_ranges(
 ) -> None:
     path, table = parquet_file
     url = put_object(mem, "t.parquet", path.read_bytes())
-    fs = make_fs(protocols=("memory",))  # pyarrow hands over paths without a scheme
-    read = pq.read_table(url.removeprefix("memory://"), filesystem=fs.to_pyarrow(), columns=["small"])
+    fs = make_fs()
+    read = pq.read_table(url, filesystem=fs.to_pyarrow(), columns=["small"])
     assert read.equals(table.select(["small"]))
     stats = fs.stats()
     assert 0 < stats["bytes_from_store"] < path.stat().st_size / 2
