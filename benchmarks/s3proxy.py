@@ -170,16 +170,9 @@ class S3Proxy:
     changes apply to requests that start afterwards.
     """
 
-    def __init__(
-        self,
-        upstream: str,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        profile: str | LatencyProfile = "none",
-        seed: int | None = None,
-        faults: FaultConfig | None = None,
-    ) -> None:
+    def __init__(self, upstream: str, *, host: str = "127.0.0.1", port: int = 0,
+                 profile: str | LatencyProfile = "none", seed: int | None = None,
+                 faults: FaultConfig | None = None) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be an http:// URL, got {upstream!r}")
@@ -318,8 +311,8 @@ class S3Proxy:
             self._counts[key] += n
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._handle_client, self._host, self._port,
-                                                  limit=HEAD_LIMIT, backlog=1024)
+        self._server = await asyncio.start_server(
+            self._handle_client, self._host, self._port, limit=HEAD_LIMIT, backlog=1024)  # many GETs in flight
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def _shutdown(self) -> None:

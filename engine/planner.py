@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from shoal.cache import ObjectNotFoundError, ObjectVersion, ShoalFileSystem
 
 from .catalog import Catalog, TableDef
-from .errors import UnknownTableError
+from .errors import SqlSyntaxError, UnknownTableError
 from .sqlinfo import column_references, parse_tree, table_references, top_level_conjuncts
 
 __all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quote_literal"]
@@ -56,7 +56,8 @@ class Fragment:
     size: int = 0
 
     def describe(self) -> str:
-        names = ", ".join(f.url.rsplit("/", 1)[-1] for f in self.files)
+        # The last path components: enough to tell partitions and parts apart.
+        names = ", ".join("/".join(f.url.rsplit("/", 3)[-3:]) for f in self.files)
         if self.row_groups is None:
             return names
         groups = self.row_groups
@@ -106,6 +107,24 @@ def _as_list(value: Any) -> list[str]:
     if isinstance(value, list):
         return [str(v) for v in value]
     return [v for v in str(value).split("\n") if v]
+
+
+def _split_groups(text: str) -> list[str]:
+    """``"(a)(b)"`` -> ``["(a)", "(b)"]``: DuckDB prints several file filters back to back."""
+    parts: list[str] = []
+    depth, start, quote = 0, 0, False
+    for i, ch in enumerate(text):
+        if ch == "'":
+            quote = not quote
+        elif not quote and ch == "(":
+            depth += 1
+        elif not quote and ch == ")":
+            depth -= 1
+            if depth == 0 and text[i + 1 : i + 2] == "(":
+                parts.append(text[start : i + 1])
+                start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
 
 
 _DYNAMIC = re.compile(r"dynamic|optional: *$", re.I)
@@ -169,13 +188,20 @@ class Planner:
         unresolved = False
         for info in _scan_nodes(plan):
             projected = set(_as_list(info.get("Projections")))
-            filters = [
-                f.removeprefix("optional: ").strip()
-                for f in _as_list(info.get("Filters"))
+            candidates = [
+                group
+                for f in _as_list(info.get("Filters")) + _as_list(info.get("File Filters"))
                 if not _DYNAMIC.search(f)
+                for group in _split_groups(f.removeprefix("optional: ").strip())
             ]
+            filters, filter_columns = [], set()
+            for candidate in candidates:
+                try:
+                    filter_columns |= column_references(parse_tree(self.con, f"SELECT 1 WHERE {candidate}"))
+                except SqlSyntaxError:
+                    continue  # not pushed; the coordinator applies the query's filters anyway
+                filters.append(candidate)
             filter_sql = " AND ".join(f"({f})" for f in filters) if filters else None
-            filter_columns = column_references(parse_tree(self.con, f"SELECT 1 WHERE {filter_sql}")) if filter_sql else set()
             wanted = projected | filter_columns
             owners = [n for n, (_, cols) in listed.items() if wanted and wanted <= set(cols)]
             if len(owners) != 1 and len(listed) == 1:

