@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     proxy.start()
-    print(f"s3proxy: upstream={proxy.upstream} profile={args.profile} seed={proxy.seed} "
+    print(f"s3proxy: upstream={proxy.upstream} profile={args.profile} overrides={overrides} seed={proxy.seed} "
           f"stats={proxy.url}/__shoal_proxy__/stats", file=sys.stderr, flush=True)
     print(f"LISTENING {proxy.port}", flush=True)
     try:
