@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import email.utils
 import json
@@ -229,7 +230,14 @@ class S3Proxy:
         return self._faults
 
     def stats(self) -> dict[str, Any]:
-        """Snapshot of the counters."""
+        """Snapshot of the counters (JSON-ready).
+
+        Keys: requests, requests_by_method, gets, responses_by_status (what
+        clients got, injected 503s included), bytes_sent (to clients, heads
+        included), bytes_received (from clients), bytes_from_upstream,
+        bytes_to_upstream, faults (injected, by kind), connections_opened,
+        upstream_connections_opened, connections_active, profile, seed.
+        """
         with self._lock:
             c, active = dict(self._counts), self._active
 
@@ -633,11 +641,12 @@ class S3Proxy:
 
 def measure_overhead(upstream_url: str, *, n: int = 30, size: int = 1 << 20, bucket: str = "shoal-proxy-overhead",
                      key: str = "overhead.bin", access_key: str | None = None, secret_key: str | None = None,
-                     region: str = "us-east-1", seed: int = 0) -> dict[str, Any]:
+                     region: str = "us-east-1", seed: int = 0, proxy_url: str | None = None) -> dict[str, Any]:
     """Time ``n`` ranged GETs of ``size`` bytes directly vs through the proxy.
 
-    The proxy runs in this process with profile "none", so the ratio is its
-    own cost (CPU plus one more loopback hop).  Direct and proxied GETs
+    The proxy runs in this process with profile "none" (or pass ``proxy_url``
+    of one already running, e.g. as a subprocess, set to "none"), so the ratio
+    is its own cost: CPU plus one more loopback hop.  Direct and proxied GETs
     alternate so that drift in the upstream affects both alike.  Credentials
     default to $AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY, else "x"/"y".
     """
@@ -662,8 +671,11 @@ def measure_overhead(upstream_url: str, *, n: int = 30, size: int = 1 << 20, buc
     direct.put_object(Bucket=bucket, Key=key, Body=blob)
     times: dict[str, list[float]] = {"direct": [], "proxy": []}
     cpu = {"direct": 0.0, "proxy": 0.0}
-    with S3Proxy(upstream_url, profile="none", seed=seed) as proxy:
-        clients = {"direct": direct, "proxy": client(proxy.url)}
+    stack_owned = proxy_url is None
+    with contextlib.ExitStack() as stack:
+        if proxy_url is None:
+            proxy_url = stack.enter_context(S3Proxy(upstream_url, profile="none", seed=seed)).url
+        clients = {"direct": direct, "proxy": client(proxy_url)}
         for i in range(n + 3):  # the first 3 rounds only warm up
             offset = rng.randrange(0, 3 * size)
             for name in ("direct", "proxy") if i % 2 else ("proxy", "direct"):
@@ -676,7 +688,6 @@ def measure_overhead(upstream_url: str, *, n: int = 30, size: int = 1 << 20, buc
                 if i >= 3:
                     times[name].append(dt)
                     cpu[name] += dc
-        proxy_gets = proxy.stats()["gets"]
     direct.delete_object(Bucket=bucket, Key=key)
     med = {k: statistics.median(v) for k, v in times.items()}
     mean = {k: statistics.fmean(v) for k, v in times.items()}
@@ -687,7 +698,7 @@ def measure_overhead(upstream_url: str, *, n: int = 30, size: int = 1 << 20, buc
         # Process CPU per GET: client (+ proxy thread on the proxied side;
         # + the upstream too if it runs in this process, like ThreadedMotoServer).
         "process_cpu_s_per_get": {k: v / n for k, v in cpu.items()},
-        "proxy_gets": proxy_gets,
+        "in_process_proxy": stack_owned,
     }
 
 
@@ -709,6 +720,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="time ranged GETs direct vs through the proxy, print JSON, exit")
     p.add_argument("--n", type=int, default=30, help="GETs per side for --measure-overhead")
     p.add_argument("--size", type=int, default=1 << 20, help="bytes per GET for --measure-overhead")
+    p.add_argument("--proxy-url", help="for --measure-overhead: a running proxy to measure instead of one in-process")
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args(argv)
 
@@ -719,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.measure_overhead:
-        print(json.dumps(measure_overhead(args.upstream, n=args.n, size=args.size, seed=args.seed or 0), indent=2))
+        print(json.dumps(measure_overhead(args.upstream, n=args.n, size=args.size, seed=args.seed or 0,
+                                          proxy_url=args.proxy_url), indent=2))
         return 0
     host, _, port = args.listen.rpartition(":")
     overrides: dict[str, Any] = {}

@@ -30,7 +30,7 @@ from shoal.cache import CacheConfig, ShoalFileSystem, StorageError, StoreConfig
 from .catalog import Catalog, TableDef
 from .errors import EngineError, QueryCancelled, QueryError, translate_duckdb_error
 from .executor import Executor, create_executor
-from .planner import Planner, quote_ident, quote_literal
+from .planner import Planner, parquet_source, quote_ident, quote_literal
 from .profile import QueryProfile, TableIO, render_explain
 from .worker import combine, tasks_for
 
@@ -60,6 +60,34 @@ class QueryResult:
         return self.table.num_rows
 
 
+class _ProgressReporter:
+    """Reports bytes read for the plan's objects while a query runs (a daemon thread)."""
+
+    def __init__(self, fs: ShoalFileSystem, plan: Any, progress: Progress, interval: float = 0.2) -> None:
+        self.fs, self.progress, self.interval = fs, progress, interval
+        self.urls = {v.url for s in plan.scans.values() for v in s.files}
+        self.total = sum(v.size for s in plan.scans.values() for v in s.files)
+        self.start = self._read()
+        self._done = threading.Event()
+        progress(0, self.total)
+        self._thread = threading.Thread(target=self._loop, name="shoal-progress", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> int:
+        snapshot = self.fs.reader.ledger.snapshot()
+        return sum(io.bytes_from_store + io.bytes_from_cache + io.bytes_from_memory
+                   for url, io in snapshot.items() if url in self.urls)
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.interval):
+            self.progress(min(self._read() - self.start, self.total), self.total)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.progress(self.total, self.total)
+
+
 class Session:
     """An embedded Shoal engine: catalog, cached filesystem, planner, executor.
 
@@ -70,7 +98,9 @@ class Session:
     workers:
         Scan workers (default: ``SHOAL_WORKERS`` or the number of CPUs).
     executor:
-        ``"threads"`` (embedded default) or the name of another registered executor.
+        ``"local"`` (embedded default: scans fused into the coordinator's DuckDB),
+        ``"threads"`` (a pool of stateless worker threads exchanging Arrow), or
+        another registered executor.
     catalog:
         Path of a TOML catalog file to load.
     """
@@ -81,7 +111,7 @@ class Session:
         cache: CacheConfig | None = None,
         store: StoreConfig | None = None,
         workers: int | None = None,
-        executor: str = "threads",
+        executor: str = "local",
         catalog: str | Path | None = None,
         fs: ShoalFileSystem | None = None,
     ) -> None:
@@ -93,8 +123,9 @@ class Session:
         self.workers = workers or (int(env_workers) if env_workers else (os.cpu_count() or 1))
         if self.workers < 1:
             raise EngineError("workers must be at least 1")
-        self.planner = Planner(self.fs, self.catalog, workers=self.workers)
         self.executor: Executor = create_executor(executor, self.fs, workers=self.workers)
+        # Fused scans are parallel inside DuckDB: no need to split files into row groups.
+        self.planner = Planner(self.fs, self.catalog, workers=1 if self.executor.fused else self.workers)
         self._views: dict[str, str] = {}
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -228,46 +259,77 @@ class Session:
 
     def _execute(self, plan: Any, profile: QueryProfile, progress: Progress | None,
                  before: dict[str, Any]) -> pa.Table:
-        """Scan on workers, then finish on the coordinator; I/O is counted from ``before``
-        (planning reads footers, which count too)."""
+        """Scan (on workers, or fused into the coordinator), then finish on the coordinator.
+        I/O is counted from ``before``: planning reads footers, which count too."""
+        for name in plan.scans:
+            profile.tables[name] = TableIO()
+        reporter = _ProgressReporter(self.fs, plan, progress) if progress is not None else None
+        try:
+            if self.executor.fused:
+                table = self._execute_fused(plan, profile)
+            else:
+                table = self._execute_on_workers(plan, profile)
+        finally:
+            if reporter is not None:
+                reporter.stop()
+        self._account_io(plan, profile, before)
+        return table
+
+    def _execute_fused(self, plan: Any, profile: QueryProfile) -> pa.Table:
+        started = time.perf_counter()
+        con = self._finish_connection()
+        con.execute(f"SET threads={self.workers}").fetchall()
+        views = []
+        try:
+            for name, scan in plan.scans.items():
+                columns = ", ".join(quote_ident(c) for c in scan.columns)
+                if scan.files:
+                    where = f" WHERE {scan.filter}" if scan.filter else ""
+                    body = f"SELECT {columns} FROM {parquet_source([f.url for f in scan.files], scan.table.hive)}{where}"
+                else:
+                    body = f"SELECT {columns} FROM {quote_ident(name)} LIMIT 0"
+                    con.register(name, self.planner.con.sql(body).to_arrow_table())
+                    views.append((name, True))
+                    continue
+                con.execute(f"CREATE OR REPLACE TEMP VIEW {quote_ident(name)} AS {body}").fetchall()
+                views.append((name, False))
+            table = con.sql(plan.sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise translate_duckdb_error(exc, self.fs.take_error()) from exc
+        finally:
+            for name, registered in views:
+                if registered:
+                    con.unregister(name)
+                else:
+                    con.execute(f"DROP VIEW IF EXISTS {quote_ident(name)}").fetchall()
+        profile.stages["scan+finish"] = time.perf_counter() - started
+        return table
+
+    def _execute_on_workers(self, plan: Any, profile: QueryProfile) -> pa.Table:
         scan_started = time.perf_counter()
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         tasks = tasks_for(plan.scans, threads=threads)
-        total = sum(f.size for s in plan.scans.values() for f in s.fragments)
-        if progress is not None:
-            progress(0, total)
         try:
             results = self.executor.run(tasks, self._cancel) if tasks else []
         except StorageError:
             raise
         except duckdb.Error as exc:
             raise translate_duckdb_error(exc, self.fs.take_error()) from exc
-        if progress is not None:
-            progress(total, total)
         profile.stages["scan"] = time.perf_counter() - scan_started
-        after = self.fs.reader.ledger.snapshot()
-        url_table = {v.url: name for name, s in plan.scans.items() for v in s.files}
-        for name in plan.scans:
-            profile.tables[name] = TableIO()
-        for url, io in after.items():
-            name = url_table.get(url)
-            if name is None:
-                continue
-            prior = before.get(url)
-            delta = type(io)(**{k: v - (getattr(prior, k) if prior else 0) for k, v in vars(io).items()})
-            profile.tables[name].add(delta)
 
         finish_started = time.perf_counter()
         con = self._finish_connection()
+        con.execute(f"SET threads={os.cpu_count() or 1}").fetchall()
         registered = []
         try:
             for name, scan in plan.scans.items():
                 empty = self.planner.con.sql(
                     f"SELECT {', '.join(quote_ident(c) for c in scan.columns)} FROM {quote_ident(name)} LIMIT 0"
                 ).to_arrow_table()
-                combined = combine([r for r in results if r.task.table == name], empty)
+                mine = [r for r in results if r.task.table == name]
+                combined = combine(mine, empty)
                 profile.tables[name].rows_out = combined.num_rows
-                profile.tables[name].seconds = sum(r.seconds for r in results if r.task.table == name)
+                profile.tables[name].seconds = sum(r.seconds for r in mine)
                 con.register(name, combined)
                 registered.append(name)
             table = con.sql(plan.sql).to_arrow_table()
@@ -278,6 +340,17 @@ class Session:
                 con.unregister(name)
         profile.stages["finish"] = time.perf_counter() - finish_started
         return table
+
+    def _account_io(self, plan: Any, profile: QueryProfile, before: dict[str, Any]) -> None:
+        after = self.fs.reader.ledger.snapshot()
+        url_table = {v.url: name for name, s in plan.scans.items() for v in s.files}
+        for url, io in after.items():
+            name = url_table.get(url)
+            if name is None:
+                continue
+            prior = before.get(url)
+            delta = type(io)(**{k: v - (getattr(prior, k) if prior else 0) for k, v in vars(io).items()})
+            profile.tables[name].add(delta)
 
     def _finish_connection(self) -> duckdb.DuckDBPyConnection:
         if self._finish_con is None:

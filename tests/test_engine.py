@@ -37,15 +37,15 @@ def events(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def session(tmp_path: Path):
-    with Session(workers=2, cache=CacheConfig(directory=tmp_path / "cache")) as s:
+    with Session(workers=2, executor="threads", cache=CacheConfig(directory=tmp_path / "cache")) as s:
         yield s
 
 
-def _s3_session(endpoint, tmp_path: Path, workers: int = 2) -> Session:
+def _s3_session(endpoint, tmp_path: Path, workers: int = 2, executor: str = "threads") -> Session:
     store = StoreConfig(endpoint_url=endpoint.endpoint_url, access_key=endpoint.access_key,
                         secret_key=endpoint.secret_key, region=endpoint.region, max_attempts=2)
-    return Session(workers=workers, cache=CacheConfig(directory=tmp_path / "cache", block_size=64 * 1024),
-                   store=store)
+    return Session(workers=workers, executor=executor, store=store,
+                   cache=CacheConfig(directory=tmp_path / "cache", block_size=64 * 1024))
 
 
 def _put_parquet(client, bucket: str, key: str, table: pa.Table, **kwargs: object) -> None:
@@ -125,12 +125,14 @@ def test_query_errors_are_engine_errors(session: Session, tmp_path: Path) -> Non
         session.sql(f"SELECT * FROM '{tmp_path}/absent/*.parquet'")
 
 
-def test_explain_analyze_reports_store_and_cache_bytes(s3_endpoint, s3_bucket, s3_client, tmp_path: Path) -> None:
+@pytest.mark.parametrize("executor", ["threads", "local"])
+def test_explain_analyze_reports_store_and_cache_bytes(s3_endpoint, s3_bucket, s3_client, tmp_path: Path,
+                                                       executor: str) -> None:
     table = pa.table({"k": list(range(20000)), "v": [float(i) for i in range(20000)]})
     _put_parquet(s3_client, s3_bucket, "t/part-0.parquet", table, row_group_size=2000)
     query = f"SELECT sum(v) AS s FROM 's3://{s3_bucket}/t/*.parquet' WHERE k >= 10000"
     for run, expect_store in ((0, True), (1, False)):
-        with _s3_session(s3_endpoint, tmp_path) as s:
+        with _s3_session(s3_endpoint, tmp_path, executor=executor) as s:
             result = s.sql(query)
             assert result.table.to_pylist() == [{"s": float(sum(range(10000, 20000)))}]
             text = s.explain(query, analyze=True)

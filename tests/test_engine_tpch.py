@@ -45,9 +45,11 @@ def _store(endpoint) -> StoreConfig:
                        secret_key=endpoint.secret_key, region=endpoint.region)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_tpch_equals_duckdb(s3_endpoint, tpch_bucket: str, reference, workers: int, tmp_path: Path) -> None:
-    session = Session(workers=workers, cache=CacheConfig(directory=tmp_path / "cache"), store=_store(s3_endpoint))
+@pytest.mark.parametrize(("executor", "workers"), [("threads", 1), ("threads", 2), ("threads", 4), ("local", 2)])
+def test_tpch_equals_duckdb(s3_endpoint, tpch_bucket: str, reference, executor: str, workers: int,
+                            tmp_path: Path) -> None:
+    session = Session(workers=workers, executor=executor, cache=CacheConfig(directory=tmp_path / "cache"),
+                      store=_store(s3_endpoint))
     for table in TPCH_TABLES:
         session.register(table, f"s3://{tpch_bucket}/tpch/{table}/*.parquet")
     failures = {}
@@ -66,7 +68,8 @@ def test_second_run_reads_only_from_cache(s3_endpoint, tpch_bucket: str, tmp_pat
     results = []
     for run in range(2):
         # A new session each time: nothing carried in memory, only the SSD cache.
-        with Session(workers=2, cache=CacheConfig(directory=tmp_path / "cache"), store=_store(s3_endpoint)) as s:
+        with Session(workers=2, executor="threads", cache=CacheConfig(directory=tmp_path / "cache"),
+                     store=_store(s3_endpoint)) as s:
             for table in TPCH_TABLES:
                 s.register(table, f"s3://{tpch_bucket}/tpch/{table}/*.parquet")
             result = s.sql(sql)
