@@ -10,12 +10,14 @@ processes (DataLoader workers, parallel CLI runs) share one directory safely.
 
 from __future__ import annotations
 
+import io
 import logging
 import sqlite3
 import struct
 import threading
+import time
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import diskcache
 import xxhash
@@ -26,7 +28,17 @@ __all__ = ["BlockCache", "CacheMetrics"]
 
 logger = logging.getLogger(__name__)
 
-_TRAILER = struct.Struct("<QQ")  # checksum, length
+# Stored block layout: data || one xxh3_64 per CHUNK of data || footer.
+# Chunks let a read of a few hundred KiB verify (and read) only the chunks it
+# covers instead of the whole block; the footer carries its own checksum.
+CHUNK = 64 << 10
+_FOOTER = struct.Struct("<QIIdQ")  # data length, chunk size, chunk count, time stored, xxh3 of sums+header
+# diskcache's LRU policy writes to SQLite on every hit, which serializes
+# concurrent readers (measured: 8 threads reading 4 MiB blocks, 240 MiB/s LRU
+# vs 2,300 MiB/s least-recently-stored).  So blocks are stored LRS and a hit
+# on a block stored longer ago than this is re-stored in the background:
+# hot blocks stay young, and eviction approximates LRU at no cost per read.
+PROMOTE_AFTER_S = 600.0
 _STATS_KEY_PREFIX = "shoal.stats."
 # After this many consecutive write failures, stop trying to write for a while.
 _FAILURES_BEFORE_BACKOFF = 3
@@ -65,19 +77,47 @@ class CacheMetrics:
         return data
 
 
-def _seal(data: bytes) -> bytes:
-    return b"".join((data, _TRAILER.pack(xxhash.xxh3_64_intdigest(data), len(data))))
+def _seal(data: bytes | memoryview) -> bytes:
+    view = memoryview(data)
+    count = (len(view) + CHUNK - 1) // CHUNK
+    sums = struct.pack(f"<{count}Q", *(xxhash.xxh3_64_intdigest(view[i * CHUNK : (i + 1) * CHUNK]) for i in range(count)))
+    head = struct.pack("<QIId", len(view), CHUNK, count, time.time())
+    return b"".join((view, sums, head, struct.pack("<Q", xxhash.xxh3_64_intdigest(sums + head))))
 
 
-def _unseal(value: bytes | memoryview) -> memoryview | None:
-    view = memoryview(value)
-    if len(view) < _TRAILER.size:
-        return None
-    checksum, length = _TRAILER.unpack(view[-_TRAILER.size :])
-    body = view[: -_TRAILER.size]
-    if length != len(body) or xxhash.xxh3_64_intdigest(body) != checksum:
-        return None
-    return body
+class _Corrupt(Exception):
+    pass
+
+
+def _read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, int, float]:
+    """Bytes ``[lo, hi)`` of a sealed block read from ``handle``, verified chunk by chunk.
+
+    Returns (bytes, block length, time stored); raises :class:`_Corrupt`.
+    """
+    total = handle.seek(0, io.SEEK_END)
+    if total < _FOOTER.size:
+        raise _Corrupt("too short")
+    handle.seek(total - _FOOTER.size)
+    length, chunk, count, stored_at, footer_sum = _FOOTER.unpack(handle.read(_FOOTER.size))
+    if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER.size:
+        raise _Corrupt("bad footer or truncated")
+    handle.seek(length)
+    sums_raw = handle.read(8 * count)
+    head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
+    if xxhash.xxh3_64_intdigest(sums_raw + head) != footer_sum:
+        raise _Corrupt("bad checksum table")
+    sums = struct.unpack(f"<{count}Q", sums_raw)
+    hi = length if hi is None else min(hi, length)
+    if hi <= lo:
+        return memoryview(b""), length, stored_at
+    first, last = lo // chunk, (hi - 1) // chunk
+    handle.seek(first * chunk)
+    raw = memoryview(handle.read(min((last + 1) * chunk, length) - first * chunk))
+    for n, index in enumerate(range(first, last + 1)):
+        if xxhash.xxh3_64_intdigest(raw[n * chunk : (n + 1) * chunk]) != sums[index]:
+            raise _Corrupt(f"chunk {index} checksum mismatch")
+    base = first * chunk
+    return raw[lo - base : hi - base], length, stored_at
 
 
 class BlockCache:
@@ -92,6 +132,8 @@ class BlockCache:
         self._consecutive_failures = 0
         self._warned = False
         self._flushed: dict[str, int] = {}
+        #: Set by the reader to re-store old hit blocks in its background writer.
+        self.on_promote: Callable[[str], None] | None = None
         if not config.enabled:
             return
         try:
@@ -101,7 +143,7 @@ class BlockCache:
                 size_limit=config.size_limit,
                 # Culling is done by us (cull_limit=0) so evictions can be counted.
                 cull_limit=0,
-                eviction_policy="least-recently-used",
+                eviction_policy="least-recently-stored",
                 statistics=False,
                 timeout=10,
             )
@@ -126,26 +168,47 @@ class BlockCache:
         else:
             logger.debug(message, *args)
 
-    def get(self, key: str) -> memoryview | None:
-        """The block, or None on a miss, a corrupt block or a cache failure."""
+    def get(self, key: str, *, promote: bool = True) -> memoryview | None:
+        """The whole block, or None on a miss, a corrupt block or a cache failure."""
+        return self.read_range(key, 0, None, promote=promote)
+
+    def read_range(self, key: str, lo: int, hi: int | None, *, promote: bool = True) -> memoryview | None:
+        """Bytes ``[lo, hi)`` of a block (only the chunks covering them are read
+        and verified), or None on a miss, a corrupt block or a cache failure."""
         if self._cache is None:
             return None
         try:
-            value = self._cache.get(key, default=None, retry=True)
-        except (OSError, sqlite3.Error) as exc:
+            handle = self._cache.get(key, default=None, read=True, retry=True)
+            if handle is None:
+                return None
+            if isinstance(handle, (bytes, bytearray, memoryview)):  # small values live in SQLite
+                handle = io.BytesIO(handle)
+            with handle:
+                data, length, stored_at = _read_range(handle, lo, hi)
+        except _Corrupt as exc:
+            self.metrics.add(corrupt_blocks=1)
+            logger.warning("corrupt cache block %s discarded (%s); refetching", key, exc)
+            self.discard(key)
+            return None
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self.metrics.add(read_failures=1)
             self._degrade("block cache read failed (%s); reading through", exc)
             return None
-        if value is None:
-            return None
-        body = _unseal(value)
-        if body is None:
-            self.metrics.add(corrupt_blocks=1)
-            logger.warning("corrupt cache block %s discarded; refetching", key)
-            self.discard(key)
-        return body
+        if promote and time.time() - stored_at > PROMOTE_AFTER_S:
+            # Re-store the whole block, off the read path when a reader is attached.
+            if self.on_promote is not None:
+                self.on_promote(key)
+            else:
+                self.promote(key)
+        return data
 
-    def put(self, key: str, data: bytes) -> bool:
+    def promote(self, key: str) -> None:
+        """Store a block again so that least-recently-stored eviction sees it as fresh."""
+        block = self.get(key, promote=False)
+        if block is not None:
+            self.put(key, block)
+
+    def put(self, key: str, data: bytes | memoryview) -> bool:
         """Store a block; returns False (and counts) when the cache cannot take it."""
         if self._cache is None:
             return False

@@ -161,7 +161,15 @@ class ShoalFileSystem(AbstractFileSystem):
     def versions(self, pattern: str) -> list[ObjectVersion]:
         """Objects matching a glob / prefix / path, pinned."""
         protocol, _ = self._split(pattern)
-        return [self._pin(v) for v in self.source(protocol).glob(self.canonical(pattern))]
+        url = self.canonical(pattern)
+        if not any(ch in url for ch in "*?["):
+            # DuckDB globs every file of a read_parquet list: answer pinned
+            # objects from the snapshot instead of listing the store again.
+            with self._pins_lock:
+                pinned = self._pins.get(url) if self._pins is not None else None
+            if pinned is not None:
+                return [pinned]
+        return [self._pin(v) for v in self.source(protocol).glob(url)]
 
     # -- fsspec API -------------------------------------------------------------
 
@@ -307,6 +315,7 @@ class ShoalFile(io.RawIOBase):
         self._sequential_end = -1
         self._streak = 0
         self._prefetched_to = -1
+        self._window = 0
 
     @property
     def loc(self) -> int:
@@ -365,20 +374,33 @@ class ShoalFile(io.RawIOBase):
         return self.read(-1)
 
     def _note_access(self, start: int, end: int) -> None:
-        """Detect a sequential reader and keep ``readahead_blocks`` in flight ahead of it."""
+        """Detect a sequential reader and keep blocks in flight ahead of it.
+
+        The window starts at ``readahead_blocks`` and doubles with every
+        sequential read up to :meth:`BlockReader.readahead_limit` (enough to keep
+        ``max_concurrency`` GETs busy), like the kernel's read-ahead: a short
+        run of adjacent reads costs little, a long scan gets full concurrency.
+        """
         depth = self.fs.cache_config.readahead_blocks
         if depth == 0:
             return
-        self._streak = self._streak + 1 if start == self._sequential_end else 0
+        sequential = start == self._sequential_end
+        self._streak = self._streak + 1 if sequential else 0
         self._sequential_end = end
+        if not sequential:
+            self._window = depth
+            self._prefetched_to = -1  # a jump: blocks ahead of the old position do not count
         if self._streak < 1 and start != 0:
             return
+        if self._streak >= 1:
+            self._window = min(max(self._window, depth) * 2, max(depth, self.fs.reader.readahead_limit()))
+        window = max(self._window, depth)
         bs = self.fs.cache_config.block_size
         next_block = (end + bs - 1) // bs
-        if next_block + depth <= self._prefetched_to:
+        if next_block + window <= self._prefetched_to:
             return
         first = max(next_block, self._prefetched_to)
-        target = next_block + depth
+        target = next_block + window
         self.fs.reader.prefetch(self.source, self.version, first, target - first)
         self._prefetched_to = target
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any, Protocol, Sequence
 
 import fsspec
 from fsspec.asyn import sync
+from fsspec.utils import glob_translate
 
 from .config import StoreConfig
 from .errors import ObjectChangedError, StoreError, translate_store_error
@@ -111,9 +113,12 @@ class S3Source:
         self.config = config
         self.store_id = config.store_id
         # Listings are not cached by s3fs: every query must see current versions.
-        self.fs = s3fs.S3FileSystem(
-            use_listings_cache=False, skip_instance_cache=True, **config.s3fs_options()
-        )
+        options = config.s3fs_options()
+        # botocore's pool holds 10 connections by default: more concurrent GETs
+        # would queue for one instead of running.
+        options["config_kwargs"] = {**options.get("config_kwargs", {}),
+                                    "max_pool_connections": max(10, max_concurrency)}
+        self.fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **options)
         self.max_concurrency = max_concurrency
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self.requests = 0
@@ -133,8 +138,7 @@ class S3Source:
         path = split_url(pattern)[1]
         try:
             if any(ch in path for ch in "*?["):
-                found = self.fs.glob(path, detail=True)
-                infos = [i for i in found.values() if i.get("type") != "directory"]
+                infos = self._list_matching(path)
             else:
                 info = self.fs.info(path)
                 if info.get("type") == "directory":
@@ -144,6 +148,17 @@ class S3Source:
         except Exception as exc:  # noqa: BLE001
             raise translate_store_error(exc, pattern) from exc
         return sorted((_version_from_info("s3", i) for i in infos), key=lambda v: v.url)
+
+    def _list_matching(self, path: str) -> list[dict[str, Any]]:
+        # One recursive listing under the pattern's fixed prefix, filtered here:
+        # s3fs's own glob costs several requests (info, exists, per-level ls).
+        fixed = re.split(r"[*?\[]", path, maxsplit=1)[0]
+        root = fixed.rsplit("/", 1)[0] if "/" in fixed else fixed
+        if "/" not in root:  # the bucket itself: let s3fs check that it exists
+            self.fs.info(root)
+        matcher = re.compile(glob_translate(path))
+        found = self.fs.find(root, detail=True)
+        return [i for name, i in found.items() if i.get("type") != "directory" and matcher.match(name)]
 
     def fetch(self, version: ObjectVersion, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         if not ranges:

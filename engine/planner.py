@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -140,6 +141,7 @@ class Planner:
         self.con = duckdb.connect()
         self.con.register_filesystem(fs)
         self.con.execute("SET enable_external_file_cache=false")
+        self._listing_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-list")
 
     # -- step 1: which tables ---------------------------------------------------
 
@@ -162,8 +164,11 @@ class Planner:
 
     def _define_views(self, tables: dict[str, TableDef]) -> dict[str, tuple[list[ObjectVersion], list[str]]]:
         listed: dict[str, tuple[list[ObjectVersion], list[str]]] = {}
+        # Listing is one request per table: issue them together (each costs a
+        # round trip to the store, ~27 ms on S3).
+        listings = dict(zip(tables, self._listing_pool.map(lambda t: self.fs.versions(t.pattern), tables.values())))
         for name, table in tables.items():
-            files = [v for v in self.fs.versions(table.pattern) if v.size > 0]
+            files = [v for v in listings[name] if v.size > 0]
             if not files:
                 raise ObjectNotFoundError(f"no Parquet files found for table {name} at {table.url}")
             self.con.execute(
@@ -173,6 +178,10 @@ class Planner:
             columns = [r[0] for r in self.con.execute(f"DESCRIBE {quote_ident(name)}").fetchall()]
             listed[name] = (files, columns)
         return listed
+
+    def close(self) -> None:
+        self._listing_pool.shutdown(wait=False)
+        self.con.close()
 
     def drop_views(self, names: Sequence[str]) -> None:
         for name in names:

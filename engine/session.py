@@ -372,7 +372,7 @@ class Session:
         self.executor.close()
         if self._finish_con is not None:
             self._finish_con.close()
-        self.planner.con.close()
+        self.planner.close()
         self.fs.close()
 
     def __enter__(self) -> "Session":
