@@ -596,3 +596,24 @@ def test_pyarrow_projection_fetches_only_needed_ranges(
     stats = fs.stats()
     assert 0 < stats["bytes_from_store"] < path.stat().st_size / 2
     assert stats["misses"] < path.stat().st_size // BS
+
+
+def test_old_blocks_are_promoted_on_hit(tmp_path, monkeypatch) -> None:
+    """Least-recently-stored eviction + re-storing hit blocks older than PROMOTE_AFTER_S
+    approximates LRU without a database write per read."""
+    from shoal.cache import blockcache
+
+    cache = blockcache.BlockCache(CacheConfig(directory=tmp_path / "c", block_size=64 * 1024))
+    block = bytes(range(256)) * 512
+    assert cache.put("k", block)
+    promoted: list[str] = []
+    cache.on_promote = promoted.append
+    assert bytes(cache.get("k")) == block
+    assert promoted == []
+    monkeypatch.setattr(blockcache, "PROMOTE_AFTER_S", -1.0)
+    assert bytes(cache.read_range("k", 10, 20)) == block[10:20]
+    assert promoted == ["k"]
+    cache.on_promote = None
+    cache.promote("k")
+    assert bytes(cache.get("k", promote=False)) == block
+    cache.close()
