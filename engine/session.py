@@ -31,6 +31,7 @@ from .catalog import Catalog, TableDef
 from .errors import EngineError, QueryCancelled, QueryError, translate_duckdb_error
 from .executor import Executor, create_executor
 from .planner import Planner, parquet_source, quote_ident, quote_literal
+from .prefetch import prefetch_plan
 from .profile import QueryProfile, TableIO, render_explain
 from .worker import combine, tasks_for
 
@@ -277,6 +278,9 @@ class Session:
 
     def _execute_fused(self, plan: Any, profile: QueryProfile) -> pa.Table:
         started = time.perf_counter()
+        if self.fs.reader.cache.available:
+            # Blocks wait on the SSD once fetched, so the budget is the cache size.
+            prefetch_plan(self.fs, plan, max_bytes=self.fs.cache_config.size_limit // 2)
         con = self._finish_connection()
         con.execute(f"SET threads={self.workers}").fetchall()
         views = []
