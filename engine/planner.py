@@ -31,6 +31,7 @@ __all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quot
 logger = logging.getLogger(__name__)
 
 _ADHOC_PREFIX = "__shoal_scan_"
+_FOOTER_GUESS = 64 << 10
 
 
 def quote_ident(name: str) -> str:
@@ -167,6 +168,12 @@ class Planner:
         # Listing is one request per table: issue them together (each costs a
         # round trip to the store, ~27 ms on S3).
         listings = dict(zip(tables, self._listing_pool.map(lambda t: self.fs.versions(t.pattern), tables.values())))
+        for versions in listings.values():
+            for version in versions:
+                if version.size > 0 and "://" in version.url and not version.url.startswith("file://"):
+                    # Footers: DuckDB reads them one file at a time while binding and
+                    # estimating; fetching every file's tail at once hides that latency.
+                    self.fs.prefetch(version.url, [(max(0, version.size - _FOOTER_GUESS), version.size)])
         for name, table in tables.items():
             files = [v for v in listings[name] if v.size > 0]
             if not files:
