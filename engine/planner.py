@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from shoal.cache import ObjectNotFoundError, ObjectVersion, ShoalFileSystem
 
+from .aggregate import PartialAggregate, plan_partial_aggregate
 from .catalog import Catalog, TableDef
 from .errors import SqlSyntaxError, UnknownTableError
 from .sqlinfo import column_references, parse_tree, table_references, top_level_conjuncts
@@ -92,6 +93,8 @@ class QueryPlan:
 
     sql: str
     scans: dict[str, TableScan]
+    #: Set when workers aggregate their fragments and the coordinator merges.
+    partial: PartialAggregate | None = None
 
 
 def _scan_nodes(plan: Any) -> Iterator[dict[str, Any]]:
@@ -298,8 +301,12 @@ class Planner:
 
     # -- all steps ----------------------------------------------------------------
 
-    def plan(self, sql: str) -> QueryPlan:
-        """Plan one SELECT (call inside ``fs.snapshot()`` so versions stay pinned)."""
+    def plan(self, sql: str, *, partial_aggregation: bool = False) -> QueryPlan:
+        """Plan one SELECT (call inside ``fs.snapshot()`` so versions stay pinned).
+
+        With ``partial_aggregation``, a single-table aggregate query is split
+        into per-fragment partial aggregates and a merge (see engine/aggregate.py).
+        """
         sql, tables = self.bind_tables(sql)
         listed = self._define_views(tables)
         try:
@@ -316,6 +323,9 @@ class Planner:
                                  files_listed=len(files), files=kept)
                 scan.fragments = self._fragments(name, kept, table.hive)
                 scans[name] = scan
+            partial = None
+            if partial_aggregation and len(scans) == 1:
+                partial = plan_partial_aggregate(self.con, sql, next(iter(scans)))
         except duckdb.CatalogException as exc:
             raise UnknownTableError(str(exc).splitlines()[0]) from exc
-        return QueryPlan(sql=sql, scans=scans)
+        return QueryPlan(sql=sql, scans=scans, partial=partial)

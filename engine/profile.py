@@ -101,7 +101,12 @@ def render_explain(profile: QueryProfile, *, analyze: bool, max_fragments: int =
                 f"{_size(io.bytes_from_cache)} from SSD cache, {_size(io.bytes_from_memory)} from memory; "
                 f"{io.rows_out} rows to coordinator"
             )
-    lines.append("  coordinator: DuckDB runs the query over the workers' Arrow results")
+    if plan.partial is not None:
+        group = f" GROUP BY {plan.partial.worker_group_by}" if plan.partial.worker_group_by else ""
+        lines.append(f"  partial aggregation on workers: SELECT {plan.partial.worker_select}{group}")
+        lines.append("  coordinator: DuckDB merges the partial aggregates")
+    else:
+        lines.append("  coordinator: DuckDB runs the query over the workers' Arrow results")
     if analyze:
         stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in profile.stages.items())
         lines.append(f"  stages: {stages}")

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from shoal.cache import CacheConfig, ShoalFileSystem, StorageError, StoreConfig
 
+from .aggregate import PARTIAL_TABLE
 from .catalog import Catalog, TableDef
 from .errors import EngineError, QueryCancelled, QueryError, translate_duckdb_error
 from .executor import Executor, create_executor
@@ -231,7 +232,7 @@ class Session:
 
     def _plan(self, query: str):
         try:
-            return self.planner.plan(self._expand_views(query))
+            return self.planner.plan(self._expand_views(query), partial_aggregation=not self.executor.fused)
         except duckdb.Error as exc:
             raise translate_duckdb_error(exc, self.fs.take_error()) from exc
 
@@ -312,7 +313,7 @@ class Session:
     def _execute_on_workers(self, plan: Any, profile: QueryProfile) -> pa.Table:
         scan_started = time.perf_counter()
         threads = max(1, (os.cpu_count() or 1) // self.workers)
-        tasks = tasks_for(plan.scans, threads=threads)
+        tasks = tasks_for(plan.scans, threads=threads, partial=plan.partial)
         try:
             results = self.executor.run(tasks, self._cancel) if tasks else []
         except StorageError:
@@ -327,16 +328,23 @@ class Session:
         registered = []
         try:
             for name, scan in plan.scans.items():
-                empty = self.planner.con.sql(
-                    f"SELECT {', '.join(quote_ident(c) for c in scan.columns)} FROM {quote_ident(name)} LIMIT 0"
-                ).to_arrow_table()
+                if plan.partial is not None:
+                    # Partial rows of the fragments; the merge query reads them.
+                    partial = plan.partial
+                    group = f" GROUP BY {partial.worker_group_by}" if partial.worker_group_by else ""
+                    target = PARTIAL_TABLE
+                    sql = (f"SELECT {partial.worker_select} FROM {quote_ident(name)} AS "
+                           f"{quote_ident(partial.source_alias)}{group} LIMIT 0")
+                else:
+                    target, sql = name, f"SELECT {', '.join(quote_ident(c) for c in scan.columns)} FROM {quote_ident(name)} LIMIT 0"
+                empty = self.planner.con.sql(sql).to_arrow_table()
                 mine = [r for r in results if r.task.table == name]
                 combined = combine(mine, empty)
                 profile.tables[name].rows_out = combined.num_rows
                 profile.tables[name].seconds = sum(r.seconds for r in mine)
-                con.register(name, combined)
-                registered.append(name)
-            table = con.sql(plan.sql).to_arrow_table()
+                con.register(target, combined)
+                registered.append(target)
+            table = con.sql(plan.partial.merge_sql if plan.partial else plan.sql).to_arrow_table()
         except duckdb.Error as exc:
             raise translate_duckdb_error(exc, self.fs.take_error()) from exc
         finally:

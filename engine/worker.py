@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from shoal.cache import ObjectVersion, ShoalFileSystem
 
+from .aggregate import PartialAggregate
 from .planner import Fragment, TableScan, parquet_source, quote_ident
 
 __all__ = ["ScanTask", "ScanResult", "run_scan_task", "tasks_for"]
@@ -37,6 +38,9 @@ class ScanTask:
     filter: str | None
     hive: bool
     threads: int = 1
+    #: Partial aggregation: the select list, GROUP BY and exact WHERE to run
+    #: instead of the projection and pushed filter (engine/aggregate.py).
+    aggregate: tuple[str, str | None, str | None, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,13 @@ class ScanResult:
     worker: str
 
 
-def tasks_for(scans: dict[str, TableScan], *, threads: int) -> list[ScanTask]:
+def tasks_for(scans: dict[str, TableScan], *, threads: int, partial: PartialAggregate | None = None) -> list[ScanTask]:
     """The tasks of a plan, largest first (so stragglers start early)."""
+    aggregate = (partial.worker_select, partial.worker_group_by, partial.where, partial.source_alias) if partial else None
     tasks = [
         ScanTask(table=name, fragment=f.index, files=f.files, row_groups=f.row_groups,
-                 columns=tuple(scan.columns), filter=scan.filter, hive=scan.table.hive, threads=threads)
+                 columns=tuple(scan.columns), filter=scan.filter, hive=scan.table.hive, threads=threads,
+                 aggregate=aggregate)
         for name, scan in scans.items()
         for f in scan.fragments
     ]
@@ -84,18 +90,23 @@ def run_scan_task(task: ScanTask, fs: ShoalFileSystem) -> ScanResult:
     for version in task.files:
         fs.pin(version)
     con = _connection(fs, task.threads)
-    columns = ", ".join(quote_ident(c) for c in task.columns)
-    where = f" WHERE {task.filter}" if task.filter else ""
+    if task.aggregate is not None:
+        select, group_by, where_sql, alias = task.aggregate
+        where = f" WHERE {where_sql}" if where_sql else ""
+        tail = f" AS {quote_ident(alias)}{where}" + (f" GROUP BY {group_by}" if group_by else "")
+    else:
+        select = ", ".join(quote_ident(c) for c in task.columns)
+        tail = f" WHERE {task.filter}" if task.filter else ""
     if task.row_groups is None:
         source = parquet_source([v.url for v in task.files], task.hive)
-        table = con.sql(f"SELECT {columns} FROM {source}{where}").to_arrow_table()
+        table = con.sql(f"SELECT {select} FROM {source}{tail}").to_arrow_table()
     else:
         with fs.open(task.files[0].url, "rb") as handle:
             raw = pq.ParquetFile(handle).read_row_groups(list(task.row_groups), columns=_file_columns(task, handle),
                                                          use_threads=False)
         con.register("__shoal_fragment", raw)
         try:
-            table = con.sql(f"SELECT {columns} FROM __shoal_fragment{where}").to_arrow_table()
+            table = con.sql(f"SELECT {select} FROM __shoal_fragment{tail}").to_arrow_table()
         finally:
             con.unregister("__shoal_fragment")
     return ScanResult(task=task, table=table, seconds=time.perf_counter() - started,
