@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from .errors import EXIT_OK, UsageError
+from .output import human_size
 from .statements import split_statements
 
 if TYPE_CHECKING:
@@ -19,15 +20,7 @@ if TYPE_CHECKING:
 
     from .main import Context
 
-__all__ = ["sql", "tables", "cache", "config_show", "print_stats", "human_size"]
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+__all__ = ["sql", "tables", "cache", "config_show", "print_stats", "stats_dict"]
 
 
 # -- sql ----------------------------------------------------------------------------------------
@@ -84,8 +77,8 @@ def tables(ctx: "Context") -> int:
         if entries or ctx.fmt != "table":
             printer.rows(table)
         if ctx.fmt == "table" or not entries:
-            printer.status(f"{len(entries)} table{'' if len(entries) == 1 else 's'}"
-                           + ("" if entries else " (name them with --table NAME=URL, --catalog or [tables] in the config file)"))
+            hint = "" if entries else " (name them with --table NAME=URL, --catalog or [tables] in the config file)"
+            printer.status(f"{len(entries)} table{'' if len(entries) == 1 else 's'}{hint}")
     finally:
         printer.close()
     return EXIT_OK
@@ -129,7 +122,8 @@ def print_stats(stats: dict[str, Any], as_json: bool) -> None:
             ("bytes from store", "bytes_from_store"), ("store requests", "store_requests"),
             ("evictions", "evictions"), ("errors", "errors")]
     everyone = dict(stats["all_processes"])
-    everyone.setdefault("errors", sum(everyone.get(k, 0) for k in ("corrupt_blocks", "write_failures", "read_failures")))
+    failures = ("corrupt_blocks", "write_failures", "read_failures")
+    everyone.setdefault("errors", sum(everyone.get(k, 0) for k in failures))
     print(f"{'':18}{'this process':>16}{'all processes':>16}")
     for label, key in rows:
         mine, total = stats["this_process"].get(key, 0), everyone.get(key, 0)

@@ -31,11 +31,11 @@ file that contains one is rejected.  :meth:`Config.show` never prints them.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import tomllib
 from shoal.cache import CacheConfig, StorageConfigError, StoreConfig, default_cache_dir, parse_size
 from shoal.cache.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE
 from shoal.engine import CatalogError, TableDef
@@ -126,7 +126,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("s3.read_timeout", ("SHOAL_S3_READ_TIMEOUT",), None, _seconds, 60.0),
     Setting("s3.max_attempts", ("SHOAL_S3_MAX_ATTEMPTS",), None, _positive_int, 5),
     Setting("sql.workers", ("SHOAL_WORKERS",), "workers", _positive_int, None),
-    Setting("sql.executor", ("SHOAL_EXECUTOR",), None, str, "threads"),
+    Setting("sql.executor", ("SHOAL_EXECUTOR",), None, str, None, help="engine default when unset"),
     Setting("sql.format", ("SHOAL_FORMAT",), "format", _format, "table"),
     Setting("sql.catalog", ("SHOAL_CATALOG",), "catalog", str, None, True),
     Setting("sql.max_rows", ("SHOAL_MAX_ROWS",), "max_rows", _count, None),
@@ -230,7 +230,8 @@ class Config:
         section, key = setting.key.split(".", 1)
         candidates: list[tuple[Any, str]] = []
         if setting.flag and setting.flag in flags:
-            candidates.append((flags[setting.flag], _FLAG_NAMES.get(setting.flag, "--" + setting.flag.replace("_", "-"))))
+            flag_name = _FLAG_NAMES.get(setting.flag, "--" + setting.flag.replace("_", "-"))
+            candidates.append((flags[setting.flag], flag_name))
         for name in setting.env:
             if self.env.get(name, "").strip():
                 candidates.append((self.env[name].strip(), f"env {name}"))
@@ -260,7 +261,11 @@ class Config:
                     spec = {"url": spec}
                 if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
                     raise ConfigError(f"config file {self.path}: table {name!r} needs a URL")
+                unknown = sorted(set(spec) - {"url", "hive_partitioning"})
                 hive = spec.get("hive_partitioning")
+                if unknown or not isinstance(hive, (bool, type(None))):
+                    raise ConfigError(f"config file {self.path}: table {name!r} takes url = \"...\" and "
+                                      "hive_partitioning = true|false only")
                 table = TableDef(name=name, url=spec["url"], hive_partitioning=hive)
                 entries[name.lower()] = TableEntry(table, f"file {self.path}")
             for item in table_flags:

@@ -13,26 +13,30 @@ Exit statuses (:func:`classify`):
   endpoint), non-Parquet file, writing the output file, unexpected errors
 * 2 usage errors: command line, configuration, SQL (syntax, unknown table,
   binder), catalog file
-* 130 the query was cancelled (Ctrl-C)
+* 130 the query was cancelled, or shoal was interrupted (Ctrl-C)
+* 141 stdout was closed by its reader (``shoal sql ... | head``); nothing printed
 """
 
 from __future__ import annotations
 
 import os
+import re
 
-from shoal.cache import StorageConfigError, StorageError
-from shoal.engine import CatalogError, EngineError, QueryCancelled, QueryError
 
 __all__ = ["CliError", "UsageError", "ConfigError", "classify", "redact",
-           "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "EXIT_CANCELLED"]
+           "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "EXIT_CANCELLED", "EXIT_BROKEN_PIPE"]
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: stdout was closed by its reader
 
 #: Environment variables whose values must never reach the terminal.
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+#: DuckDB's "Catalog Error: " / "Binder Error: " prefixes; the message says enough.
+_DUCKDB_PREFIX = re.compile(r"^(?:[A-Z][a-z]+ )+Error: ")
 
 
 class CliError(Exception):
@@ -64,13 +68,20 @@ def _message(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     # One line, always: DuckDB adds "LINE 1: ..." excerpts, botocore adds context.
-    return redact(" ".join(part.strip() for part in text.splitlines() if part.strip()))
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return redact(_DUCKDB_PREFIX.sub("", text))
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """The exit status and the one-line message for an error."""
-    if isinstance(exc, (QueryCancelled, KeyboardInterrupt)):
+    # Imported here so that `shoal` can take Ctrl-C from its very start (see main.main).
+    from shoal.cache import StorageConfigError, StorageError
+    from shoal.engine import CatalogError, EngineError, QueryCancelled, QueryError
+
+    if isinstance(exc, QueryCancelled):
         return EXIT_CANCELLED, "query cancelled"
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_CANCELLED, "interrupted"
     if isinstance(exc, (QueryError, CatalogError, StorageConfigError, CliError)):
         return EXIT_USAGE, _message(exc)
     if isinstance(exc, (EngineError, StorageError)):

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import traceback
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn, Sequence
 
-from .config import FORMATS, Config, TableEntry
-from .errors import EXIT_USAGE, UsageError, classify, redact
+from .errors import EXIT_BROKEN_PIPE, EXIT_CANCELLED, EXIT_USAGE, UsageError, classify, redact
 
-__all__ = ["main", "build_parser", "Context"]
+if TYPE_CHECKING:
+    from shoal.engine import Session
+
+    from .config import TableEntry
+    from .output import Printer
+
+__all__ = ["main", "build_parser", "Context", "report_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +38,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common_options() -> argparse.ArgumentParser:
+    from .config import FORMATS
+
     # SUPPRESS: an option not given leaves no attribute, so one given before the
     # subcommand is not reset by the subcommand's parser.
     common = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
     conf = common.add_argument_group("configuration (flags > SHOAL_* environment > config file)")
-    conf.add_argument("--config", metavar="FILE", help="config file (default $SHOAL_CONFIG or ~/.config/shoal/config.toml)")
+    conf.add_argument("--config", metavar="FILE",
+                      help="config file (default $SHOAL_CONFIG or ~/.config/shoal/config.toml)")
     conf.add_argument("--table", metavar="NAME=URL", action="append", help="name a table (repeatable)")
     conf.add_argument("--catalog", metavar="FILE", help="TOML catalog of tables [SHOAL_CATALOG]")
     conf.add_argument("--workers", metavar="N", help="scan workers [SHOAL_WORKERS]")
@@ -100,19 +109,23 @@ class Context:
             "anonymous", "workers", "format", "catalog", "max_rows")}
         if not flags["anonymous"]:
             flags["anonymous"] = None  # a flag that was not given does not override the environment
+        from .config import Config
+
         self.config = Config(flags, config_file=getattr(args, "config", None),
                              table_flags=getattr(args, "table", None))
         self.fmt: str = self.config["sql.format"]
         self.max_rows: int | None = self.config["sql.max_rows"]
         self.output: str | None = getattr(args, "output", None)
         self.profile = bool(getattr(args, "profile", False))
-        self._session: Any = None
+        self._session: Session | None = None
 
     # -- tables -------------------------------------------------------------------------
 
-    def table_entries(self) -> list[TableEntry]:
+    def table_entries(self) -> list["TableEntry"]:
         """Tables by precedence: --table over the catalog file over the config file."""
         from shoal.engine import Catalog
+
+        from .config import TableEntry
 
         entries = {e.table.name.lower(): e for e in self.config.table_entries if e.source != "--table"}
         catalog_path = self.config["sql.catalog"]
@@ -128,24 +141,25 @@ class Context:
 
     # -- session ------------------------------------------------------------------------
 
-    def session(self) -> Any:
+    def session(self) -> "Session":
         if self._session is None:
             from shoal.engine import Session
 
             entries = self.table_entries()
+            options = {"executor": self.config["sql.executor"]} if self.config["sql.executor"] else {}
             session = Session(cache=self.config.cache_config(), store=self.config.store_config(),
-                              workers=self.config["sql.workers"], executor=self.config["sql.executor"])
+                              workers=self.config["sql.workers"], **options)
             for entry in entries:
                 session.catalog.register(entry.table)
             self._session = session
         return self._session
 
-    def printer(self) -> Any:
+    def printer(self) -> "Printer":
         from .output import Printer
 
         return Printer(self.fmt, output=self.output, max_rows=self.max_rows)
 
-    def execute(self, statement: str, printer: Any) -> None:
+    def execute(self, statement: str, printer: "Printer") -> None:
         """Run one statement and print its result (and profile)."""
         from .progress import run_statement
 
@@ -158,15 +172,22 @@ class Context:
 
             print(render_explain(result.profile, analyze=True), file=sys.stderr, flush=True)
 
-    def report_error(self, exc: BaseException, message: str) -> None:
-        if self.debug:
-            print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
-        print(f"shoal: error: {message}", file=sys.stderr, flush=True)
+    def report_error(self, exc: BaseException) -> int:
+        return report_error(exc, debug=self.debug)
 
     def close(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
             session.close()
+
+
+def report_error(exc: BaseException, *, debug: bool) -> int:
+    """Print the one error line (after the traceback with --debug); return the exit status."""
+    code, message = classify(exc)
+    if debug:
+        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+    print(f"shoal: error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 class _OneLine(logging.Formatter):
@@ -211,6 +232,15 @@ def _dispatch(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``shoal`` console script; returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a query started (imports, startup)
+        print("shoal: error: interrupted", file=sys.stderr, flush=True)
+        return EXIT_CANCELLED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
@@ -219,14 +249,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ctx = Context(args)
         return _dispatch(ctx, args)
+    except BrokenPipeError:
+        # The reader went away (`shoal sql ... | head`): stop quietly, like other tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit statuses
         if isinstance(exc, SystemExit):
             raise
-        code, message = classify(exc)
-        if debug:
-            print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
-        print(f"shoal: error: {message}", file=sys.stderr, flush=True)
-        return code
+        return report_error(exc, debug=debug)
     finally:
         if ctx is not None:
             try:

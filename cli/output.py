@@ -23,7 +23,16 @@ import pyarrow.parquet as pq
 
 from .errors import UsageError
 
-__all__ = ["Printer", "plain_value", "json_value"]
+__all__ = ["Printer", "plain_value", "json_value", "human_size"]
+
+
+def human_size(n: float) -> str:
+    """``5.8 KiB``, ``10.0 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def json_value(value: Any) -> Any:

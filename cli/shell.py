@@ -49,16 +49,16 @@ class Shell:
     def __init__(self, ctx: "Context") -> None:
         self.ctx = ctx
         self.fmt = ctx.fmt if ctx.fmt != "parquet" else "table"
+        self.pipe_printer: Printer | None = None
 
     def printer(self) -> Printer:
         return Printer(self.fmt, max_rows=self.ctx.max_rows)
 
     def error(self, exc: BaseException) -> None:
-        code, message = classify(exc)
-        if code == EXIT_CANCELLED:
+        if classify(exc)[0] == EXIT_CANCELLED:
             print("query cancelled", file=sys.stderr, flush=True)
         else:
-            self.ctx.report_error(exc, message)
+            self.ctx.report_error(exc)
 
     # -- dot-commands -------------------------------------------------------------------
 
@@ -81,6 +81,8 @@ class Shell:
                 print(self.fmt)
             elif argument in FORMATS and argument != "parquet":
                 self.fmt = argument
+                if self.pipe_printer is not None:
+                    self.pipe_printer.fmt = argument
             else:
                 print("shoal: error: .format takes one of table, csv, json", file=sys.stderr)
         else:
@@ -103,7 +105,6 @@ class Shell:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.history import FileHistory, InMemoryHistory
         from prompt_toolkit.key_binding import KeyBindings
-
         from shoal.cli import __version__
 
         path = history_path()
@@ -150,7 +151,7 @@ class Shell:
 
     def piped(self, lines: Iterable[str]) -> int:
         """Run statements as they arrive; a line starting with '.' between statements is a dot-command."""
-        printer = self.ctx.printer()
+        printer = self.pipe_printer = self.ctx.printer()
         buffer = ""
         try:
             for line in lines:

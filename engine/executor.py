@@ -88,12 +88,26 @@ class ThreadExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "threads": ThreadExecutor}
+def _ray_executor(fs: ShoalFileSystem, *, workers: int, **options: object) -> Executor:
+    # Imported on first use: Ray is an optional extra and slow to import.
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        raise EngineError("the ray executor needs Ray: pip install 'shoal[ray]'") from exc
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(fs, workers=workers, **options)  # type: ignore[arg-type]
 
 
-def create_executor(name: str, fs: ShoalFileSystem, *, workers: int) -> Executor:
-    """An executor by name (``local``, ``threads``; ``ray`` once its extra is installed)."""
+EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "threads": ThreadExecutor,
+                                                 "ray": _ray_executor}
+
+
+def create_executor(name: str, fs: ShoalFileSystem, *, workers: int, **options: object) -> Executor:
+    """An executor by name (``local``, ``threads``, ``ray`` with its extra installed).
+
+    ``options`` go to the executor (e.g. ``address`` for ``ray``)."""
     factory = EXECUTORS.get(name)
     if factory is None:
         raise EngineError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
-    return factory(fs, workers=workers)
+    return factory(fs, workers=workers, **options)

@@ -24,7 +24,7 @@ from shoal.cache import ObjectNotFoundError, ObjectVersion, ShoalFileSystem
 
 from .aggregate import PartialAggregate, plan_partial_aggregate
 from .catalog import Catalog, TableDef
-from .errors import SqlSyntaxError, UnknownTableError
+from .errors import SqlSyntaxError, translate_duckdb_error
 from .sqlinfo import column_references, parse_tree, table_references, top_level_conjuncts
 
 __all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quote_literal"]
@@ -327,5 +327,5 @@ class Planner:
             if partial_aggregation and len(scans) == 1:
                 partial = plan_partial_aggregate(self.con, sql, next(iter(scans)))
         except duckdb.CatalogException as exc:
-            raise UnknownTableError(str(exc).splitlines()[0]) from exc
+            raise translate_duckdb_error(exc) from exc
         return QueryPlan(sql=sql, scans=scans, partial=partial)

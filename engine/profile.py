@@ -77,7 +77,9 @@ def _size(n: float) -> str:
 def render_explain(profile: QueryProfile, *, analyze: bool, max_fragments: int = 8) -> str:
     """Human-readable plan; with ``analyze``, measured I/O and stage times too."""
     plan = profile.plan
-    lines = [f"Shoal plan: {profile.executor} executor, {profile.workers} worker(s)"]
+    fused = profile.executor == "local"
+    lines = [f"Shoal plan: {profile.executor} executor, {profile.workers} "
+             + ("DuckDB thread(s)" if fused else "worker(s)")]
     if plan is None:
         return lines[0]
     for name, scan in plan.scans.items():
@@ -98,13 +100,15 @@ def render_explain(profile: QueryProfile, *, analyze: bool, max_fragments: int =
             io = profile.tables[name]
             lines.append(
                 f"    read: {_size(io.bytes_from_store)} from store in {io.store_requests} GET(s), "
-                f"{_size(io.bytes_from_cache)} from SSD cache, {_size(io.bytes_from_memory)} from memory; "
-                f"{io.rows_out} rows to coordinator"
+                f"{_size(io.bytes_from_cache)} from SSD cache, {_size(io.bytes_from_memory)} from memory"
+                + ("" if fused else f"; {io.rows_out} rows to coordinator")
             )
     if plan.partial is not None:
         group = f" GROUP BY {plan.partial.worker_group_by}" if plan.partial.worker_group_by else ""
         lines.append(f"  partial aggregation on workers: SELECT {plan.partial.worker_select}{group}")
         lines.append("  coordinator: DuckDB merges the partial aggregates")
+    elif fused:
+        lines.append("  coordinator: the scans above run inside the coordinator's DuckDB pipeline")
     else:
         lines.append("  coordinator: DuckDB runs the query over the workers' Arrow results")
     if analyze:

@@ -1,19 +1,23 @@
 """Cache affinity: which worker owns a fragment's blocks.
 
-Ownership is rendezvous (highest-random-weight) hashing over the *live*
-workers: each worker scores a fragment's key, the highest score owns it.  A
-worker joining takes from every other worker only the fragments it now wins;
-a worker leaving hands only its own fragments to their second choice.  So a
-change of membership moves ``~1/n`` of the fragments, and every other
-fragment keeps finding its blocks in the same worker's SSD cache.
+Ownership is rendezvous (highest-random-weight) hashing of an object at its
+version over the *live* workers: each worker scores the object, the highest
+score owns it, and every fragment of the object (its files, or row groups of
+one file) runs there.  So each block of the object is fetched from the store
+by one worker only, and a repeated query finds it in that worker's SSD cache.
+A worker joining takes from every other worker only the objects it now wins;
+a worker leaving hands only its own objects to their second choice: a change
+of membership moves ``~1/n`` of the data, and nothing else moves.
 
-Assignment is *soft*: with ``load_factor`` set, a worker takes fragments
-until it holds ``load_factor`` times its fair share of the query's bytes, and
-the next fragment goes to the fragment's next-ranked worker instead
-(consistent hashing with bounded loads, Mirrokni et al. 2018), or to the
-least-loaded worker when every ranked choice is full.  The assignment is a
-pure function of the fragments and the membership, so a repeated query lands
-on the same workers and finds its blocks cached.
+The key is the object, not the fragment: fragments of one file split by row
+groups share the file's footer and the blocks at their boundaries (a 4 MiB
+row group is smaller than a block), and giving them different owners would
+fetch those blocks once per owner (see ``benchmarks/bench_ray.py``).
+
+Skew (one large object, few objects) is the executor's business at run
+time: an idle worker takes queued fragments of a busy one (soft affinity).
+:func:`assign` also offers static bounded loads (Mirrokni et al. 2018), whose
+placement depends on the rest of the query and so is off by default.
 
 Pure Python, no Ray: the benchmark's scale-out simulation uses it too.
 """
@@ -30,16 +34,9 @@ from shoal.cache import ObjectVersion
 __all__ = ["fragment_key", "score", "ranking", "owner", "assign", "Assignment"]
 
 
-def fragment_key(files: Sequence[ObjectVersion], row_groups: Sequence[int] | None = None) -> str:
-    """The cache identity of a fragment: its objects at their versions (and row groups).
-
-    Row groups are part of the key: fragments of one file read (mostly)
-    disjoint byte ranges, so they may live on different workers.
-    """
-    key = "|".join(f"{v.url}@{v.token}" for v in files)
-    if row_groups is not None:
-        key += "#" + ",".join(str(g) for g in row_groups)
-    return key
+def fragment_key(files: Sequence[ObjectVersion]) -> str:
+    """The ownership key of a fragment: its objects at their versions."""
+    return "|".join(f"{v.url}@{v.token}" for v in files)
 
 
 def score(member: str, key: str) -> int:
@@ -82,7 +79,7 @@ class Assignment:
 
 
 def assign(keys: Sequence[str], sizes: Sequence[int], members: Sequence[str], *,
-           load_factor: float | None = 1.25, weights: Mapping[str, float] | None = None) -> Assignment:
+           load_factor: float | None = None, weights: Mapping[str, float] | None = None) -> Assignment:
     """Place items (``keys`` with byte ``sizes``) on ``members``.
 
     ``load_factor=None`` is pure rendezvous hashing.  Otherwise a member's

@@ -10,8 +10,11 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+log=$(mktemp)
+# pip's own chatter goes to a log that is shown only if the install fails.
+pip_quiet() { .venv/bin/python -m pip install -q "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }; }
+pip_quiet --upgrade pip
+pip_quiet -e '.[test,bench]'
 .venv/bin/python -c "import shoal.engine, shoal.cache, duckdb; print('shoal installed; duckdb', duckdb.__version__)"
 bash benchmarks/duckdb155_env.sh >/dev/null
 echo "side environment ready: .venv-duckdb155 (duckdb 1.5.5 + tpch/httpfs)"
