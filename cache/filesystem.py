@@ -36,6 +36,8 @@ __all__ = ["ShoalFileSystem", "ShoalFile"]
 logger = logging.getLogger(__name__)
 
 _SUPPORTED = ("s3", "s3a", "file", "memory")
+# Contiguous reads after which a file handle counts as a sequential scan.
+_SEQUENTIAL_AFTER = 3
 
 
 def _url(protocol: str, path: str) -> str:
@@ -274,23 +276,13 @@ class ShoalFileSystem(AbstractFileSystem):
         self.mkdir(path)
 
     def prefetch(self, path: str, ranges: list[tuple[int, int]]) -> int:
-        """Start fetching, in the background, the blocks covering byte ``ranges`` of
-        an object that are on neither cache tier; returns the number of blocks
-        covered.  The engine calls it with the column chunks a query will read,
-        so a cold scan finds its blocks arriving instead of waiting on each GET."""
+        """Start fetching, in the background, exactly the byte ``ranges`` of an
+        object that are not cached yet; returns the bytes requested.  The engine
+        calls it with the column chunks a query will read, so a cold scan finds
+        its bytes arriving instead of waiting on one GET after another."""
         version = self.version(path)
         protocol, _ = self._split(path)
-        bs = self.cache_config.block_size
-        indices = sorted({i for start, end in ranges if end > start
-                          for i in range(start // bs, (min(end, version.size) - 1) // bs + 1)})
-        run: list[int] = []
-        source = self.source(protocol)
-        for index in indices + [-2]:
-            if run and index != run[-1] + 1:
-                self.reader.prefetch(source, version, run[0], len(run))
-                run = []
-            run.append(index)
-        return len(indices)
+        return self.reader.prefetch_ranges(self.source(protocol), version, ranges)
 
     def to_pyarrow(self) -> Any:
         """This filesystem as a ``pyarrow.fs.FileSystem``."""
@@ -333,6 +325,7 @@ class ShoalFile(io.RawIOBase):
         self._position = threading.local()
         self._sequential_end = -1
         self._streak = 0
+        self._scanning = False
         self._prefetched_to = -1
         self._window = 0
 
@@ -376,7 +369,9 @@ class ShoalFile(io.RawIOBase):
         start = self.loc
         self._note_access(start, end)
         try:
-            data = self.fs.reader.read(self.source, self.version, start, end)
+            # A sequential reader fetches whole blocks (read-ahead keeps them
+            # coming); scattered reads (Parquet column chunks) fetch exact pieces.
+            data = self.fs.reader.read(self.source, self.version, start, end, whole_blocks=self._scanning)
         except StorageError as exc:
             self.fs.record_error(exc)
             raise
@@ -395,25 +390,30 @@ class ShoalFile(io.RawIOBase):
     def _note_access(self, start: int, end: int) -> None:
         """Detect a sequential reader and keep blocks in flight ahead of it.
 
-        The window starts at ``readahead_blocks`` and doubles with every
-        sequential read up to :meth:`BlockReader.readahead_limit` (enough to keep
-        ``max_concurrency`` GETs busy), like the kernel's read-ahead: a short
-        run of adjacent reads costs little, a long scan gets full concurrency.
+        The window is ``readahead_blocks`` when a scan is detected (a read at
+        offset 0, or one that starts where the last ended) and doubles with
+        every further sequential read up to :meth:`BlockReader.readahead_limit`
+        (enough to keep ``max_concurrency`` GETs busy), like the kernel's
+        read-ahead: a short run of adjacent reads costs little, a long scan
+        gets full concurrency.
         """
-        depth = self.fs.cache_config.readahead_blocks
-        if depth == 0:
-            return
         sequential = start == self._sequential_end
         self._streak = self._streak + 1 if sequential else 0
         self._sequential_end = end
         if not sequential:
-            self._window = depth
+            self._window = 0
             self._prefetched_to = -1  # a jump: blocks ahead of the old position do not count
-        if self._streak < 1 and start != 0:
+        # A scan starts at offset 0 or after a few contiguous reads: DuckDB reads
+        # neighbouring column chunks back to back, which is not yet a scan.
+        self._scanning = (self._scanning and sequential) or start == 0 or self._streak >= _SEQUENTIAL_AFTER
+        depth = self.fs.cache_config.readahead_blocks
+        if depth == 0 or not self._scanning:
             return
-        if self._streak >= 1:
-            self._window = min(max(self._window, depth) * 2, max(depth, self.fs.reader.readahead_limit()))
-        window = max(self._window, depth)
+        if self._window < depth:
+            self._window = depth
+        else:
+            self._window = min(self._window * 2, max(depth, self.fs.reader.readahead_limit()))
+        window = self._window
         bs = self.fs.cache_config.block_size
         next_block = (end + bs - 1) // bs
         if next_block + window <= self._prefetched_to:

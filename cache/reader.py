@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from .blockcache import BlockCache
 from .config import CacheConfig
@@ -99,12 +99,50 @@ class _MemoryBlocks:
             self._size = 0
 
 
-class BlockReader:
-    """Serves ``read(version, start, end)`` from memory, SSD cache, or the store."""
+def _as_bytes(part: bytes | memoryview) -> bytes:
+    """``bytes(part)``, without the copy when ``part`` is all of a bytes object
+    (a read of exactly one block, from memory or the SSD)."""
+    if isinstance(part, memoryview) and type(part.obj) is bytes and part.nbytes == len(part.obj):
+        return part.obj
+    return bytes(part)
 
-    def __init__(self, config: CacheConfig, cache: BlockCache | None = None) -> None:
+
+def _covers_block(index: int, start: int, end: int, block_size: int, size: int) -> bool:
+    """Whether ``[start, end)`` covers all of block ``index``."""
+    return start <= index * block_size and end >= min((index + 1) * block_size, size)
+
+
+def _slice_of(future: Future[bytes], lo: int, hi: int) -> Future[bytes]:
+    """A future of ``future``'s result[lo:hi]."""
+    out: Future[bytes] = Future()
+
+    def done(f: Future[bytes]) -> None:
+        if f.exception() is not None:
+            out.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            out.set_result(memoryview(f.result())[lo:hi])  # type: ignore[arg-type]
+
+    future.add_done_callback(done)
+    return out
+
+
+class PeerSource(Protocol):
+    """Optional tier between the SSD cache and the store (``shoal.transport.peercache.PeerTier``)."""
+
+    def fetch_blocks(self, source: ObjectSource, version: ObjectVersion, block_size: int,
+                     wanted: Sequence[tuple[int, str, int]]) -> Mapping[int, bytes | memoryview]:
+        """Of the blocks ``(index, key, exact length)``, those peers delivered (verified)."""
+        ...
+
+
+class BlockReader:
+    """Serves ``read(version, start, end)`` from memory, SSD cache, peers (optional), or the store."""
+
+    def __init__(self, config: CacheConfig, cache: BlockCache | None = None,
+                 peers: PeerSource | None = None) -> None:
         self.config = config
         self.cache = cache if cache is not None else BlockCache(config)
+        self.peers = peers
         self.metrics = self.cache.metrics
         self.ledger = IOLedger()
         self._memory = _MemoryBlocks(config.memory_size)
@@ -116,6 +154,8 @@ class BlockReader:
     def _init_threads(self) -> None:
         # After a fork (DataLoader workers) the parent's threads are gone: start clean.
         self._inflight: dict[str, Future[bytes | memoryview]] = {}
+        # Pieces (byte ranges of blocks) being fetched or not yet on the SSD.
+        self._pieces: dict[str, list[tuple[int, int, Future[bytes]]]] = {}
         self._pending_write_bytes = 0
         self._lock = threading.Lock()
         # One thread per concurrent read-ahead GET (each waits on its fetch): with
@@ -135,8 +175,13 @@ class BlockReader:
 
     # -- public -------------------------------------------------------------
 
-    def read(self, source: ObjectSource, version: ObjectVersion, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of ``version`` (clamped to the object's size)."""
+    def read(self, source: ObjectSource, version: ObjectVersion, start: int, end: int, *,
+             whole_blocks: bool = False) -> bytes:
+        """Bytes ``[start, end)`` of ``version`` (clamped to the object's size).
+
+        Missing blocks that the read covers only in part are fetched as exact
+        pieces, unless ``whole_blocks`` (a sequential reader) asks for blocks.
+        """
         end = min(end, version.size)
         if end <= start:
             return b""
@@ -163,22 +208,164 @@ class BlockReader:
                 fetching = key in self._inflight
             # From the SSD, read (and verify) only the chunks this read covers:
             # whole blocks would be read again for every small read of them.
+            hi = min(hi, version.size - index * bs)
             piece = None if fetching else self.cache.read_range(key, lo, hi)
-            if piece is not None and len(piece) == min(hi, version.size - index * bs) - lo:
+            if piece is None and not fetching:
+                pending = self._pending_piece(key, lo, hi)
+                if pending is not None:
+                    parts[index] = pending
+                    continue
+                piece = self.cache.read_piece(key, lo, hi)
+            if piece is not None and len(piece) == hi - lo:
                 parts[index] = piece
                 self.metrics.add(hits=1, bytes_from_cache=len(piece))
                 self.ledger.add(version.url, bytes_from_cache=len(piece), blocks_hit=1)
             else:
                 missing.append(index)
-        if missing:
-            blocks = self._resolve(source, version, missing, wait=True, ssd_checked=True)
-            for index in missing:
+        whole = [i for i in missing if whole_blocks or _covers_block(i, start, end, bs, version.size)]
+        partial = [i for i in missing if i not in whole]
+        if whole:
+            blocks = self._resolve(source, version, whole, wait=True, ssd_checked=True)
+            for index in whole:
                 lo = max(start - index * bs, 0)
                 hi = min(end - index * bs, len(blocks[index]))
                 parts[index] = blocks[index][lo:hi]
+        if partial:
+            wanted = [(i, max(start - i * bs, 0), min(end - i * bs, bs, version.size - i * bs)) for i in partial]
+            parts.update(self._fetch_pieces(source, version, object_key, wanted))
+        retry = []
+        for index, part in list(parts.items()):
+            if isinstance(part, Future):
+                try:
+                    parts[index] = part.result()
+                except Exception:  # noqa: BLE001 - another reader's fetch failed: try ourselves
+                    retry.append((index, max(start - index * bs, 0), min(end - index * bs, bs, version.size - index * bs)))
+        if retry:
+            parts.update(self._fetch_pieces(source, version, object_key, retry))
         if first == last:
-            return bytes(parts[first])
+            return _as_bytes(parts[first])
         return b"".join(parts[index] for index in range(first, last + 1))
+
+    # -- pieces ---------------------------------------------------------------
+
+    def _pending_piece(self, key: str, lo: int, hi: int) -> Future[bytes] | None:
+        """A piece being fetched (or awaiting its SSD write) that covers ``[lo, hi)``."""
+        with self._lock:
+            for start, end, future in self._pieces.get(key, ()):
+                if start <= lo and hi <= end:
+                    return _slice_of(future, lo - start, hi - start)
+        return None
+
+    def _fetch_pieces(self, source: ObjectSource, version: ObjectVersion, object_key: str,
+                      wanted: Sequence[tuple[int, int, int]]) -> dict[int, memoryview]:
+        """Fetch ``(block index, lo, hi)`` pieces: one GET per contiguous run (up to
+        ``max_request_size``), concurrently; store each piece behind the read."""
+        bs = self.config.block_size
+        futures: dict[int, Future[bytes]] = {}
+        with self._lock:
+            for index, lo, hi in wanted:
+                future: Future[bytes] = Future()
+                self._pieces.setdefault(f"{object_key}:{index}", []).append((lo, hi, future))
+                futures[index] = future
+        runs: list[list[tuple[int, int, int]]] = []
+        for piece in sorted(wanted):
+            index, lo, hi = piece
+            if runs:
+                last_index, _, last_hi = runs[-1][-1]
+                run_bytes = (last_index * bs + last_hi) - (runs[-1][0][0] * bs + runs[-1][0][1])
+                if index == last_index + 1 and last_hi == bs and lo == 0 and run_bytes < self.config.max_request_size:
+                    runs[-1].append(piece)
+                    continue
+            runs.append([piece])
+        ranges = [(run[0][0] * bs + run[0][1], run[-1][0] * bs + run[-1][2]) for run in runs]
+        try:
+            payloads = source.fetch(version, ranges)
+        except BaseException as exc:
+            with self._lock:
+                for index, lo, hi in wanted:
+                    self._drop_piece(f"{object_key}:{index}", futures[index])
+            for future in futures.values():
+                future.set_exception(exc)
+            raise
+        out: dict[int, memoryview] = {}
+        for run, (begin, _), payload in zip(runs, ranges, payloads):
+            view = memoryview(payload)
+            for index, lo, hi in run:
+                piece = view[index * bs + lo - begin : index * bs + hi - begin]
+                out[index] = piece
+                futures[index].set_result(piece)  # type: ignore[arg-type]
+                self._store_piece(f"{object_key}:{index}", lo, piece, futures[index])
+        total = sum(len(p) for p in payloads)
+        self.metrics.add(misses=len(wanted), bytes_from_store=total, store_requests=len(ranges))
+        self.ledger.add(version.url, bytes_from_store=total, store_requests=len(ranges), blocks_missed=len(wanted))
+        return out
+
+    def _drop_piece(self, key: str, future: Future[bytes]) -> None:
+        entries = [e for e in self._pieces.get(key, ()) if e[2] is not future]
+        if entries:
+            self._pieces[key] = entries
+        else:
+            self._pieces.pop(key, None)
+
+    def _store_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes]) -> None:
+        """Write a piece to the SSD off the read path; it stays readable from memory until then."""
+        data = bytes(piece)
+
+        def write() -> None:
+            try:
+                self.cache.put_piece(key, lo, data)
+            finally:
+                with self._lock:
+                    self._pending_write_bytes -= len(data)
+                    self._drop_piece(key, future)
+
+        with self._lock:
+            inline = self._pending_write_bytes + len(data) > _MAX_PENDING_WRITE_BYTES
+            self._pending_write_bytes += len(data)
+        if inline:  # the writer is behind: write in this thread (backpressure)
+            write()
+        else:
+            self._writer.submit(write)
+
+    def prefetch_ranges(self, source: ObjectSource, version: ObjectVersion,
+                        ranges: Sequence[tuple[int, int]], *, gap: int = 64 << 10) -> int:
+        """Fetch exactly these byte ranges (neighbours closer than ``gap`` merged) in
+        the background, as pieces; returns the bytes requested.  Ranges already
+        cached or being fetched are skipped."""
+        if not self._caches(source):
+            return 0
+        merged: list[list[int]] = []
+        for start, end in sorted((max(0, s), min(e, version.size)) for s, e in ranges if e > s):
+            if merged and start - merged[-1][1] <= gap:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        bs = self.config.block_size
+        object_key = self._object_key(source, version)
+        requested = 0
+        for start, end in merged:
+            wanted = []
+            for index in range(start // bs, (end - 1) // bs + 1):
+                lo, hi = max(start - index * bs, 0), min(end - index * bs, version.size - index * bs)
+                key = f"{object_key}:{index}"
+                with self._lock:
+                    busy = key in self._inflight
+                if busy or self._memory.get(key) is not None or self.cache.contains(key):
+                    continue
+                if self._pending_piece(key, lo, hi) is not None or self.cache.read_piece(key, lo, hi) is not None:
+                    continue
+                wanted.append((index, lo, hi))
+                requested += hi - lo
+            if wanted:
+                self._prefetch_pool.submit(self._prefetch_pieces_quietly, source, version, object_key, wanted)
+        return requested
+
+    def _prefetch_pieces_quietly(self, source: ObjectSource, version: ObjectVersion, object_key: str,
+                                 wanted: Sequence[tuple[int, int, int]]) -> None:
+        try:
+            self._fetch_pieces(source, version, object_key, wanted)
+        except Exception as exc:  # noqa: BLE001 - the reader fetches again if it needs to
+            logger.debug("prefetch of %s failed: %s", version.url, exc)
 
     def prefetch(self, source: ObjectSource, version: ObjectVersion, first_block: int, count: int) -> None:
         """Start fetching ``count`` blocks from ``first_block`` in the background.
@@ -189,8 +376,24 @@ class BlockReader:
             return
         last = min(first_block + count, self.num_blocks(version))
         step = self.readahead_request_blocks()
+        object_key = self._object_key(source, version)
         for first in range(first_block, last, step):
-            self._prefetch_pool.submit(self._prefetch_quietly, source, version, range(first, min(first + step, last)))
+            # Only blocks on neither tier are fetched.  Blocks already on the SSD
+            # are left there for the reader to read in place (``read_range``):
+            # loading them into the memory tier from pool threads first cost a
+            # fresh process a page fault per 4 KiB of new memory, the warm
+            # scan's largest cost.  Checked here, so a warm scan starts no threads.
+            wanted = [index for index in range(first, min(first + step, last))
+                      if self._wants(f"{object_key}:{index}")]
+            if wanted:
+                self._prefetch_pool.submit(self._prefetch_quietly, source, version, wanted)
+
+    def _wants(self, key: str) -> bool:
+        """Whether a block is on neither tier nor being fetched."""
+        with self._lock:
+            if key in self._inflight:
+                return False
+        return self._memory.get(key) is None and not self.cache.contains(key)
 
     def readahead_request_blocks(self) -> int:
         """Blocks per read-ahead GET."""
@@ -220,9 +423,11 @@ class BlockReader:
         """Local files are read in place unless ``cache_local_files`` asks otherwise."""
         return self.config.cache_local_files or source.store_id != "file"
 
-    def _prefetch_quietly(self, source: ObjectSource, version: ObjectVersion, indices: range) -> None:
+    def _prefetch_quietly(self, source: ObjectSource, version: ObjectVersion, indices: Sequence[int]) -> None:
         try:
-            self._resolve(source, version, indices, wait=False)
+            # The SSD was checked by prefetch(); a block stored meanwhile by
+            # another process is merely fetched once more.
+            self._resolve(source, version, indices, wait=False, ssd_checked=True)
         except Exception as exc:  # noqa: BLE001 - a failed read-ahead is retried by the real read
             logger.debug("read-ahead of %s failed: %s", version.url, exc)
 
@@ -261,7 +466,10 @@ class BlockReader:
                 to_fetch.append(index)
         if to_fetch:
             try:
-                fetched = self._fetch_blocks(source, version, to_fetch)
+                fetched = self._fetch_from_peers(source, version, object_key, to_fetch)
+                rest = [index for index in to_fetch if index not in fetched]
+                if rest:
+                    fetched.update(self._fetch_blocks(source, version, rest))
             except BaseException as exc:
                 for index in to_fetch:
                     self._fail(f"{object_key}:{index}", owned[index], exc)
@@ -315,6 +523,22 @@ class BlockReader:
         with self._lock:
             self._inflight.pop(key, None)
         future.set_exception(exc)
+
+    def _fetch_from_peers(self, source: ObjectSource, version: ObjectVersion, object_key: str,
+                          indices: Sequence[int]) -> dict[int, bytes | memoryview]:
+        """Missing blocks from the peer tier, if any; a peer problem is a miss."""
+        if self.peers is None:
+            return {}
+        bs = self.config.block_size
+        lengths = {index: min(bs, version.size - index * bs) for index in indices}
+        wanted = [(index, f"{object_key}:{index}", lengths[index]) for index in indices]
+        try:
+            got = self.peers.fetch_blocks(source, version, bs, wanted)
+        except Exception as exc:  # noqa: BLE001 - never fail a read because of a peer
+            logger.warning("peer tier failed (%s); reading from the store", exc)
+            return {}
+        return {index: block for index, block in got.items()
+                if index in lengths and len(block) == lengths[index]}
 
     def _fetch_blocks(self, source: ObjectSource, version: ObjectVersion, indices: Sequence[int]) -> dict[int, bytes]:
         """One concurrent batch of GETs for the missing blocks, coalescing neighbours."""
