@@ -414,11 +414,24 @@ class BlockCache:
             return None
         if not raw:
             return None
-        for start, end in struct.iter_unpack("<II", raw):
+        pieces = sorted(struct.iter_unpack("<II", raw))
+        for start, end in pieces:
             if start <= lo and hi <= end:
                 data = self.read_range(f"{block_key}@{start}", lo - start, hi - start)
                 if data is not None and len(data) == hi - lo:
-                    return data  # else evicted or corrupt: try another piece
+                    return data  # else evicted or corrupt: try assembling below
+        # A read may span neighbouring pieces (a footer and the chunk before it).
+        parts, position = [], lo
+        for start, end in pieces:
+            if start <= position < end:
+                upto = min(end, hi)
+                data = self.read_range(f"{block_key}@{start}", position - start, upto - start)
+                if data is None or len(data) != upto - position:
+                    return None
+                parts.append(data)
+                position = upto
+                if position >= hi:
+                    return memoryview(b"".join(parts))
         return None
 
     def _forget(self, key: str) -> None:

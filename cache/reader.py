@@ -260,13 +260,21 @@ class BlockReader:
                       wanted: Sequence[tuple[int, int, int]]) -> dict[int, memoryview]:
         """Fetch ``(block index, lo, hi)`` pieces: one GET per contiguous run (up to
         ``max_request_size``), concurrently; store each piece behind the read."""
-        bs = self.config.block_size
+        return self._run_pieces(source, version, object_key, wanted, self._register_pieces(object_key, wanted))
+
+    def _register_pieces(self, object_key: str, wanted: Sequence[tuple[int, int, int]]) -> dict[int, Future[bytes]]:
+        """Announce pieces as in flight, so that readers wait for them instead of fetching."""
         futures: dict[int, Future[bytes]] = {}
         with self._lock:
             for index, lo, hi in wanted:
                 future: Future[bytes] = Future()
                 self._pieces.setdefault(f"{object_key}:{index}", []).append((lo, hi, future))
                 futures[index] = future
+        return futures
+
+    def _run_pieces(self, source: ObjectSource, version: ObjectVersion, object_key: str,
+                    wanted: Sequence[tuple[int, int, int]], futures: dict[int, Future[bytes]]) -> dict[int, memoryview]:
+        bs = self.config.block_size
         runs: list[list[tuple[int, int, int]]] = []
         for piece in sorted(wanted):
             index, lo, hi = piece
@@ -346,7 +354,7 @@ class BlockReader:
         for start, end in merged:
             wanted = []
             for index in range(start // bs, (end - 1) // bs + 1):
-                lo, hi = max(start - index * bs, 0), min(end - index * bs, version.size - index * bs)
+                lo, hi = max(start - index * bs, 0), min(end - index * bs, bs, version.size - index * bs)
                 key = f"{object_key}:{index}"
                 with self._lock:
                     busy = key in self._inflight
@@ -357,13 +365,14 @@ class BlockReader:
                 wanted.append((index, lo, hi))
                 requested += hi - lo
             if wanted:
-                self._prefetch_pool.submit(self._prefetch_pieces_quietly, source, version, object_key, wanted)
+                futures = self._register_pieces(object_key, wanted)
+                self._prefetch_pool.submit(self._prefetch_pieces_quietly, source, version, object_key, wanted, futures)
         return requested
 
     def _prefetch_pieces_quietly(self, source: ObjectSource, version: ObjectVersion, object_key: str,
-                                 wanted: Sequence[tuple[int, int, int]]) -> None:
+                                 wanted: Sequence[tuple[int, int, int]], futures: dict[int, Future[bytes]]) -> None:
         try:
-            self._fetch_pieces(source, version, object_key, wanted)
+            self._run_pieces(source, version, object_key, wanted, futures)
         except Exception as exc:  # noqa: BLE001 - the reader fetches again if it needs to
             logger.debug("prefetch of %s failed: %s", version.url, exc)
 

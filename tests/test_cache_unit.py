@@ -617,3 +617,49 @@ def test_old_blocks_are_promoted_on_hit(tmp_path, monkeypatch) -> None:
     cache.promote("k")
     assert bytes(cache.get("k", promote=False)) == block
     cache.close()
+
+
+def test_scattered_reads_fetch_exact_pieces_and_warm_reads_need_no_store(tmp_path) -> None:
+    """Parquet-like reads (column chunks here and there) fetch only their bytes;
+    a read spanning two stored pieces of one block is assembled from both."""
+    mem = fsspec.filesystem("memory")
+    data = os.urandom(1 << 20)
+    with mem.open("/pieces/obj", "wb") as f:
+        f.write(data)
+    url = "memory:///pieces/obj"
+    config = CacheConfig(directory=tmp_path / "c", block_size=256 * 1024)
+    ranges = [(1000, 5000), (300_000, 301_000), (5000, 9000)]
+    cold = ShoalFileSystem(cache=config, protocols=("memory",))
+    with cold.open(url, "rb") as handle:
+        for start, end in ranges:
+            handle.seek(start)
+            assert handle.read(end - start) == data[start:end]
+    assert cold.stats()["bytes_from_store"] == sum(e - s for s, e in ranges)
+    cold.close()
+    warm = ShoalFileSystem(cache=config, protocols=("memory",))
+    assert warm.cat_file(url, 1000, 9000) == data[1000:9000]  # two pieces, one read
+    assert warm.cat_file(url, 300_100, 300_900) == data[300_100:300_900]
+    assert warm.stats()["store_requests"] == 0
+    # A sequential reader gets whole blocks (and read-ahead).
+    with warm.open(url, "rb") as handle:
+        assert handle.read(64 * 1024) == data[: 64 * 1024]
+    warm.reader.flush()
+    assert warm.stats()["bytes_from_store"] >= 256 * 1024
+    warm.close()
+
+
+def test_prefetched_ranges_serve_later_reads(tmp_path) -> None:
+    mem = fsspec.filesystem("memory")
+    data = os.urandom(600_000)
+    with mem.open("/pf/obj", "wb") as f:
+        f.write(data)
+    url = "memory:///pf/obj"
+    fs = ShoalFileSystem(cache=CacheConfig(directory=tmp_path / "c", block_size=256 * 1024), protocols=("memory",))
+    assert fs.prefetch(url, [(10, 20_000), (20_050, 40_000), (500_000, 600_000)]) == 600_000 - 500_000 + 40_000 - 10
+    # Reads wait for the pieces in flight (or read them from the SSD) instead of fetching again.
+    assert fs.cat_file(url, 100, 39_000) == data[100:39_000]
+    assert fs.cat_file(url, 510_000, 600_000) == data[510_000:]
+    # The two close ranges were merged; the third crosses a block boundary in one GET.
+    assert fs.stats()["store_requests"] == 2
+    assert fs.stats()["bytes_from_store"] == 600_000 - 500_000 + 40_000 - 10
+    fs.close()
