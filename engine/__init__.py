@@ -2,6 +2,7 @@
 
 from .catalog import Catalog, TableDef
 from .errors import (
+    AccessNotAllowedError,
     BindError,
     CatalogError,
     EngineError,
@@ -17,6 +18,7 @@ from .profile import QueryProfile, TableIO
 from .session import QueryResult, Session
 
 __all__ = [
+    "AccessNotAllowedError",
     "BindError",
     "Catalog",
     "CatalogError",

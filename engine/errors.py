@@ -9,6 +9,7 @@ Hierarchy::
      │    └── BindError                    unknown column, type mismatch, ...
      ├── CatalogError(ValueError)          bad catalog file or table definition
      ├── NotParquetError(ValueError)       a table's file is not Parquet
+     ├── AccessNotAllowedError(PermissionError)  SQL reached outside the allowed paths
      ├── QueryCancelled                    interrupted by the user
      └── WorkerError                       a fragment failed on a worker
 
@@ -35,6 +36,7 @@ __all__ = [
     "CatalogError",
     "NotParquetError",
     "QueryCancelled",
+    "AccessNotAllowedError",
     "WorkerError",
     "translate_duckdb_error",
 ]
@@ -66,6 +68,10 @@ class CatalogError(EngineError, ValueError):
 
 class NotParquetError(EngineError, ValueError):
     """A file of a table is not a Parquet file."""
+
+
+class AccessNotAllowedError(EngineError, PermissionError):
+    """The SQL tried to read a local file or URL outside the allowed paths."""
 
 
 class QueryCancelled(EngineError):
@@ -101,6 +107,10 @@ def translate_duckdb_error(exc: BaseException, storage_error: StorageError | Non
         return UnknownTableError(text)
     if isinstance(exc, duckdb.BinderException):
         return BindError(text)
+    if isinstance(exc, duckdb.PermissionException):
+        return AccessNotAllowedError(
+            f"{text.split(' - ')[0]}: not allowed (local files are limited to SHOAL_ALLOWED_PATHS)"
+        )
     if isinstance(exc, duckdb.InterruptException):
         return QueryCancelled("query cancelled")
     if "No magic bytes found" in message or "not a parquet file" in message.lower() or "too small to be a Parquet file" in message:

@@ -25,6 +25,7 @@ from shoal.cache import ObjectNotFoundError, ObjectVersion, ShoalFileSystem
 from .aggregate import PartialAggregate, plan_partial_aggregate
 from .catalog import Catalog, TableDef
 from .errors import SqlSyntaxError, translate_duckdb_error
+from .security import lock_down
 from .sqlinfo import column_references, parse_tree, table_references, top_level_conjuncts
 
 __all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quote_literal"]
@@ -138,13 +139,15 @@ _DYNAMIC = re.compile(r"dynamic|optional: *$", re.I)
 class Planner:
     """Plans queries against a catalog; owns the coordinator's planning connection."""
 
-    def __init__(self, fs: ShoalFileSystem, catalog: Catalog, *, workers: int) -> None:
+    def __init__(self, fs: ShoalFileSystem, catalog: Catalog, *, workers: int,
+                 allowed_paths: tuple[str, ...] | None = None) -> None:
         self.fs = fs
         self.catalog = catalog
         self.workers = workers
         self.con = duckdb.connect()
         self.con.register_filesystem(fs)
         self.con.execute("SET enable_external_file_cache=false")
+        lock_down(self.con, allowed_paths, fs.protocol)
         self._listing_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-list")
 
     # -- step 1: which tables ---------------------------------------------------

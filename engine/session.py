@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -34,6 +34,7 @@ from .executor import Executor, create_executor
 from .planner import Planner, parquet_source, quote_ident, quote_literal
 from .prefetch import prefetch_plan
 from .profile import QueryProfile, TableIO, render_explain
+from .security import allowed_paths_from_env, lock_down
 from .worker import combine, tasks_for
 
 __all__ = ["Session", "QueryResult"]
@@ -47,6 +48,11 @@ _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?P<analyze>ANALYZE\s+)?(?P<query>.*?);?\s
 _CREATE_VIEW = re.compile(r"^\s*CREATE\s+(?P<replace>OR\s+REPLACE\s+)?(?:TEMP(?:ORARY)?\s+)?VIEW\s+(?P<name>\"?[A-Za-z_][A-Za-z0-9_]*\"?)\s+AS\s+(?P<query>.*?);?\s*$", re.I | re.S)
 _SIMPLE_SOURCE = re.compile(r"^\s*(?:SELECT\s+\*\s+)?FROM\s+(?:'(?P<url>[^']+)'|read_parquet\(\s*'(?P<url2>[^']+)'\s*(?:,\s*hive_partitioning\s*=\s*(?P<hive>true|false))?\s*\))\s*;?\s*$", re.I | re.S)
 _DROP_VIEW = re.compile(r"^\s*DROP\s+VIEW\s+(?:IF\s+EXISTS\s+)?(?P<name>\"?[A-Za-z_][A-Za-z0-9_]*\"?)\s*;?\s*$", re.I)
+
+
+# DuckDB statement types Shoal runs (everything else is refused before running):
+# CREATE is only CREATE VIEW, DROP only DROP VIEW, SHOW/DESCRIBE are SELECTs.
+_SUPPORTED_STATEMENTS = {"SELECT", "EXPLAIN", "COPY", "CREATE", "DROP"}
 
 
 @dataclass
@@ -105,6 +111,9 @@ class Session:
         another registered executor.
     catalog:
         Path of a TOML catalog file to load.
+    allowed_paths:
+        Local directories SQL may read (default ``SHOAL_ALLOWED_PATHS``, else
+        unrestricted); object stores stay reachable through Shoal's filesystem.
     """
 
     def __init__(
@@ -116,6 +125,7 @@ class Session:
         executor: str = "local",
         catalog: str | Path | None = None,
         fs: ShoalFileSystem | None = None,
+        allowed_paths: Sequence[str] | None = None,
     ) -> None:
         self.fs = fs or ShoalFileSystem(cache=cache, store=store)
         self.catalog = Catalog()
@@ -127,7 +137,9 @@ class Session:
             raise EngineError("workers must be at least 1")
         self.executor: Executor = create_executor(executor, self.fs, workers=self.workers)
         # Fused scans are parallel inside DuckDB: no need to split files into row groups.
-        self.planner = Planner(self.fs, self.catalog, workers=1 if self.executor.fused else self.workers)
+        self.allowed_paths = allowed_paths_from_env() if allowed_paths is None else tuple(allowed_paths)
+        self.planner = Planner(self.fs, self.catalog, workers=1 if self.executor.fused else self.workers,
+                               allowed_paths=self.allowed_paths)
         self._views: dict[str, str] = {}
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -147,13 +159,19 @@ class Session:
     def sql(self, text: str, *, progress: Progress | None = None) -> QueryResult:
         """Run one or more statements; returns the last one's result."""
         try:
-            statements = [s.query for s in self.planner.con.extract_statements(text)]
+            statements = [(s.type.name, s.query) for s in self.planner.con.extract_statements(text)]
         except duckdb.Error as exc:
             raise translate_duckdb_error(exc) from exc
         if not statements:
             raise QueryError("no SQL statement given")
+        for kind, _ in statements:
+            if kind not in _SUPPORTED_STATEMENTS:
+                raise QueryError(
+                    f"{kind} statements are not supported: Shoal runs SELECT, EXPLAIN [ANALYZE], "
+                    "COPY (SELECT ...) TO, CREATE VIEW, DROP VIEW, SHOW TABLES and DESCRIBE"
+                )
         result = QueryResult(table=pa.table({}))
-        for statement in statements:
+        for _, statement in statements:
             result = self._statement(statement, progress)
         return result
 
@@ -206,6 +224,8 @@ class Session:
             return QueryResult(table=pa.table({"name": [r[0] for r in rows], "url": [r[1] for r in rows]}))
         if match := re.match(r"^\s*(?:DESCRIBE|DESC)\s+(?P<name>\"?[A-Za-z_][A-Za-z0-9_]*\"?)\s*;?\s*$", statement, re.I):
             return self._select(f"DESCRIBE SELECT * FROM {match['name']}", progress)
+        if re.match(r"^\s*(CREATE|DROP)\b", statement, re.I):
+            raise QueryError("only CREATE VIEW and DROP VIEW are supported (tables live in the object store)")
         return self._select(statement, progress)
 
     def _create_view(self, name: str, query: str, replace: bool) -> QueryResult:
@@ -313,7 +333,7 @@ class Session:
     def _execute_on_workers(self, plan: Any, profile: QueryProfile) -> pa.Table:
         scan_started = time.perf_counter()
         threads = max(1, (os.cpu_count() or 1) // self.workers)
-        tasks = tasks_for(plan.scans, threads=threads, partial=plan.partial)
+        tasks = tasks_for(plan.scans, threads=threads, partial=plan.partial, allowed_paths=self.allowed_paths)
         try:
             results = self.executor.run(tasks, self._cancel) if tasks else []
         except StorageError:
@@ -369,6 +389,7 @@ class Session:
             con = duckdb.connect()
             con.register_filesystem(self.fs)
             con.execute("SET enable_external_file_cache=false")
+            lock_down(con, self.allowed_paths, self.fs.protocol)
             self._finish_con = con
         return self._finish_con
 

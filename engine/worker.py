@@ -22,6 +22,7 @@ from shoal.cache import ObjectVersion, ShoalFileSystem
 
 from .aggregate import PartialAggregate
 from .planner import Fragment, TableScan, parquet_source, quote_ident
+from .security import lock_down
 
 __all__ = ["ScanTask", "ScanResult", "run_scan_task", "tasks_for"]
 
@@ -41,6 +42,8 @@ class ScanTask:
     #: Partial aggregation: the select list, GROUP BY and exact WHERE to run
     #: instead of the projection and pushed filter (engine/aggregate.py).
     aggregate: tuple[str, str | None, str | None, str] | None = None
+    #: Local directories SQL may read (None: unrestricted); see engine/security.py.
+    allowed_paths: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,14 @@ class ScanResult:
     worker: str
 
 
-def tasks_for(scans: dict[str, TableScan], *, threads: int, partial: PartialAggregate | None = None) -> list[ScanTask]:
+def tasks_for(scans: dict[str, TableScan], *, threads: int, partial: PartialAggregate | None = None,
+              allowed_paths: tuple[str, ...] | None = None) -> list[ScanTask]:
     """The tasks of a plan, largest first (so stragglers start early)."""
     aggregate = (partial.worker_select, partial.worker_group_by, partial.where, partial.source_alias) if partial else None
     tasks = [
         ScanTask(table=name, fragment=f.index, files=f.files, row_groups=f.row_groups,
                  columns=tuple(scan.columns), filter=scan.filter, hive=scan.table.hive, threads=threads,
-                 aggregate=aggregate)
+                 aggregate=aggregate, allowed_paths=allowed_paths)
         for name, scan in scans.items()
         for f in scan.fragments
     ]
@@ -68,15 +72,17 @@ def tasks_for(scans: dict[str, TableScan], *, threads: int, partial: PartialAggr
 _local = threading.local()
 
 
-def _connection(fs: ShoalFileSystem, threads: int) -> duckdb.DuckDBPyConnection:
+def _connection(fs: ShoalFileSystem, threads: int, allowed_paths: tuple[str, ...] | None = None
+                ) -> duckdb.DuckDBPyConnection:
     # One connection per worker thread, reused across tasks: it holds no query
     # state (no tables, DuckDB's external file cache off), only the registered fs.
-    key = (id(fs), os.getpid())
+    key = (id(fs), os.getpid(), allowed_paths)
     con = getattr(_local, "con", None)
     if con is None or getattr(_local, "key", None) != key:
         con = duckdb.connect()
         con.register_filesystem(fs)
         con.execute("SET enable_external_file_cache=false")
+        lock_down(con, allowed_paths, fs.protocol)
         _local.con, _local.key, _local.threads = con, key, None
     if _local.threads != threads:
         con.execute(f"SET threads={max(1, threads)}")
@@ -89,7 +95,7 @@ def run_scan_task(task: ScanTask, fs: ShoalFileSystem) -> ScanResult:
     started = time.perf_counter()
     for version in task.files:
         fs.pin(version)
-    con = _connection(fs, task.threads)
+    con = _connection(fs, task.threads, task.allowed_paths)
     if task.aggregate is not None:
         select, group_by, where_sql, alias = task.aggregate
         where = f" WHERE {where_sql}" if where_sql else ""

@@ -202,3 +202,30 @@ def test_single_table_aggregates_are_partially_aggregated_on_workers(session: Se
     glob = f"'{tmp_path}/agg/*.parquet'"
     assert joined.profile.plan.partial is None
     assert joined.table.to_pylist() == [{"c": duckdb.sql(join.replace("agg a", f"{glob} a").replace("agg b", f"{glob} b")).fetchall()[0][0]}]
+
+
+@pytest.mark.parametrize("executor", ["local", "threads"])
+def test_allowed_paths_lock_sql_to_shoal_and_those_directories(tmp_path: Path, executor: str) -> None:
+    from shoal.engine import AccessNotAllowedError
+
+    _write(tmp_path / "ok" / "a.parquet", pa.table({"x": [1]}))
+    _write(tmp_path / "secret.parquet", pa.table({"x": [2]}))
+    with Session(executor=executor, allowed_paths=[str(tmp_path / "ok")],
+                 cache=CacheConfig(directory=tmp_path / "c")) as s:
+        assert s.sql(f"SELECT * FROM '{tmp_path}/ok/a.parquet'").table.to_pylist() == [{"x": 1}]
+        for query in (f"SELECT * FROM '{tmp_path}/secret.parquet'",
+                      f"SELECT * FROM '{tmp_path}/ok/../secret.parquet'",
+                      "SELECT * FROM read_csv('/etc/passwd')",
+                      f"COPY (SELECT 1) TO '{tmp_path}/out.parquet' (FORMAT parquet)"):
+            with pytest.raises(AccessNotAllowedError, match="not allowed"):
+                s.sql(query)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_statements_other_than_queries_are_refused(session: Session) -> None:
+    from shoal.engine import QueryError
+
+    for statement in ("ATTACH '/tmp/shoal-attack.db'", "INSTALL httpfs", "SET threads=1",
+                      "CREATE TABLE t AS SELECT 1", "INSERT INTO x VALUES (1)", "PRAGMA version"):
+        with pytest.raises(QueryError, match="supported"):
+            session.sql(statement)
