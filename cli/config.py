@@ -127,6 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("s3.max_attempts", ("SHOAL_S3_MAX_ATTEMPTS",), None, _positive_int, 5),
     Setting("sql.workers", ("SHOAL_WORKERS",), "workers", _positive_int, None),
     Setting("sql.executor", ("SHOAL_EXECUTOR",), None, str, None, help="engine default when unset"),
+    Setting("sql.cluster", ("SHOAL_CLUSTER",), "cluster", str, None,
+            help="ray://host:port, host:port or auto: run workers on a Ray cluster"),
     Setting("sql.format", ("SHOAL_FORMAT",), "format", _format, "table"),
     Setting("sql.catalog", ("SHOAL_CATALOG",), "catalog", str, None, True),
     Setting("sql.max_rows", ("SHOAL_MAX_ROWS",), "max_rows", _count, None),

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from .errors import EXIT_BROKEN_PIPE, EXIT_CANCELLED, EXIT_USAGE, UsageError, classify, redact
 
@@ -49,6 +49,8 @@ def _common_options() -> argparse.ArgumentParser:
     conf.add_argument("--table", metavar="NAME=URL", action="append", help="name a table (repeatable)")
     conf.add_argument("--catalog", metavar="FILE", help="TOML catalog of tables [SHOAL_CATALOG]")
     conf.add_argument("--workers", metavar="N", help="scan workers [SHOAL_WORKERS]")
+    conf.add_argument("--cluster", metavar="ADDRESS",
+                      help="run workers on Ray: ray://host:port, host:port or auto [SHOAL_CLUSTER]")
     conf.add_argument("--cache-dir", metavar="DIR", help="block cache directory [SHOAL_CACHE_DIR]")
     conf.add_argument("--cache-size", metavar="SIZE", help="cache size limit, e.g. 20GB [SHOAL_CACHE_SIZE]")
     conf.add_argument("--no-cache", dest="cache_enabled", action="store_false", help="read through without caching")
@@ -106,7 +108,7 @@ class Context:
         self.debug = bool(getattr(args, "debug", False))
         flags = {name: getattr(args, name, None) for name in (
             "cache_dir", "cache_size", "cache_enabled", "endpoint_url", "region", "profile_name",
-            "anonymous", "workers", "format", "catalog", "max_rows")}
+            "anonymous", "workers", "cluster", "format", "catalog", "max_rows")}
         if not flags["anonymous"]:
             flags["anonymous"] = None  # a flag that was not given does not override the environment
         from .config import Config
@@ -146,7 +148,9 @@ class Context:
             from shoal.engine import Session
 
             entries = self.table_entries()
-            options = {"executor": self.config["sql.executor"]} if self.config["sql.executor"] else {}
+            options: dict[str, Any] = {"executor": self.config["sql.executor"]} if self.config["sql.executor"] else {}
+            if self.config["sql.cluster"]:
+                options = {"executor": "ray", "executor_options": {"address": self.config["sql.cluster"]}}
             session = Session(cache=self.config.cache_config(), store=self.config.store_config(),
                               workers=self.config["sql.workers"], **options)
             for entry in entries:

@@ -13,10 +13,15 @@ Membership
 
 Scheduling
     Each fragment goes to the member that owns its blocks: rendezvous hashing
-    of the fragment's objects at their versions over the live members, with
-    bounded loads (see :mod:`shoal.engine.ray_affinity`).  A member gets at
-    most ``2 x max_concurrency`` tasks in flight; the rest wait in its queue
-    on the coordinator, so a cancellation stops quickly.
+    of the fragment's objects at their versions over the live members (see
+    :mod:`shoal.engine.ray_affinity`).  A member gets one task per actor
+    thread (``max_concurrency``) at a time; the rest wait in its queue on the
+    coordinator, so a cancellation stops quickly.  Under skew, once a query
+    has run for ``locality_wait_s`` (delay scheduling, as Spark's
+    ``spark.locality.wait``), a member with an idle thread and an empty queue
+    takes a queued fragment of a busy member: one of an object it ran before
+    (so likely cached), else the smallest of the most backlogged.  Soft
+    affinity that leaves short queries, and so the caches, alone.
 
 Faults
     A member that dies mid-query (``RayActorError``, a crashed worker, a lost
@@ -31,8 +36,10 @@ Faults
 Results
     Arrow tables through Ray's object store.  The coordinator caps their
     total at ``memory_budget`` bytes: a query whose scan results would exceed
-    it fails with a :class:`WorkerError` that says so (spilling to the object
-    store is not implemented yet; see the module's report in RESULTS.md).
+    it fails with a :class:`WorkerError` that says so, before the coordinator
+    runs out of memory.  Spilling such results to the object store as Parquet
+    is not implemented: it needs the coordinator to read a table's results
+    from Parquet URLs as well as from Arrow tables.
 
 I/O accounting
     Each result carries the worker's per-object I/O since its last report;
@@ -42,64 +49,31 @@ I/O accounting
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+import random
 import threading
-import time
-import uuid
-from collections import deque
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections import OrderedDict
+from dataclasses import asdict
 from typing import Any, Iterable
 
 import ray
-import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shoal.cache import ShoalFileSystem
 
-from .errors import EngineError, QueryCancelled, WorkerError
-from .ray_affinity import assign, fragment_key, ranking
-from .ray_worker import ShoalWorker, member_cache_dir, task_to_data
+from .errors import EngineError
+from .ray_affinity import assign
+from .ray_dispatch import LOST_WORKER_ERRORS, actor_class, control, Member, QueryDispatch, task_key, task_size
+from .ray_worker import member_cache_dir
 from .worker import ScanResult, ScanTask
 
-__all__ = ["RayExecutor", "task_key", "task_size"]
+__all__ = ["RayExecutor"]
 
 logger = logging.getLogger(__name__)
 
-#: Errors that mean "the worker is gone", not "the task is wrong": re-run elsewhere.
-_LOST = (
-    ray.exceptions.RayActorError,
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.ObjectLostError,
-    ray.exceptions.OutOfMemoryError,
-)
-
-
-def task_key(task: ScanTask) -> str:
-    """The affinity key of a task: its objects at their versions."""
-    return fragment_key(task.files)
-
-
-def task_size(task: ScanTask, tasks: list[ScanTask]) -> int:
-    """Bytes a task reads: its files, or its share of a file split by row groups."""
-    if task.row_groups is None:
-        return sum(v.size for v in task.files)
-    siblings = sum(1 for t in tasks if t.table == task.table and t.files == task.files) or 1
-    return sum(v.size for v in task.files) // siblings
-
-
-@dataclass
-class _Member:
-    name: str
-    handle: Any
-    cache_dir: str
-    node_id: str | None = None
-    alive: bool = True
-    queue: deque[int] = field(default_factory=deque)
-    running: int = 0
+#: Objects remembered for cache-aware work stealing.
+_RAN_KEYS = 100_000
 
 
 class RayExecutor:
@@ -130,9 +104,9 @@ class RayExecutor:
     affinity:
         ``False`` ignores cache ownership (a random member per fragment per
         query): the baseline of the affinity benchmark.
-    steal:
-        Soft affinity: a worker with an idle thread takes the last queued
-        fragment of the most backlogged worker (``False``: owners only).
+    locality_wait_s:
+        Seconds into a query before an idle worker may take a busy worker's
+        queued fragments (``None``: owners only; ``0``: at once).
     load_factor:
         Static bounded loads for the placement (``None``: pure hashing; see
         :func:`shoal.engine.ray_affinity.assign`).
@@ -148,7 +122,7 @@ class RayExecutor:
     def __init__(self, fs: ShoalFileSystem, *, workers: int, address: str | None = None,
                  per_node: bool | None = None, max_concurrency: int = 2, max_attempts: int = 3,
                  memory_budget: int | None = None, affinity: bool = True,
-                 steal: bool = True, load_factor: float | None = None, init_options: dict[str, Any] | None = None,
+                 locality_wait_s: float | None = 0.5, load_factor: float | None = None, init_options: dict[str, Any] | None = None,
                  task_delay_s: float = 0.0) -> None:
         if workers < 1:
             raise EngineError("workers must be at least 1")
@@ -161,11 +135,11 @@ class RayExecutor:
         self.memory_budget = memory_budget
         self.affinity = affinity
         self.load_factor = load_factor
-        self.steal = steal
+        self.locality_wait_s = locality_wait_s
         self.task_delay_s = task_delay_s
         self._owns_runtime = _connect(address, init_options or {})
         self._per_node = per_node if per_node is not None else len(_alive_nodes()) > 1
-        self._members: dict[str, _Member] = {}
+        self._members: dict[str, Member] = {}
         self._lock = threading.Lock()
         self._queries = 0
         #: Ownership key -> member it was placed on, for the last query.
@@ -176,6 +150,8 @@ class RayExecutor:
         self.retries = 0
         #: Fragments run by another worker than their owner because it was idle.
         self.steals = 0
+        # Ownership key -> members that ran it (their caches likely hold it), newest keys last.
+        self._ran: OrderedDict[str, set[str]] = OrderedDict()
         #: Actors created to replace dead ones.
         self.replacements = 0
         self._closed = False
@@ -201,12 +177,12 @@ class RayExecutor:
     def _probe(self, timeout: float = 2.0) -> None:
         """Mark members whose actor is gone as dead (one parallel ping; busy ones count as alive)."""
         live = [m for m in self._members.values() if m.alive]
-        refs = {_control(m.handle.ping).remote(): m for m in live}
+        refs = {control(m.handle.ping).remote(): m for m in live}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         for ref in ready:
             try:
                 ray.get(ref)
-            except _LOST:
+            except LOST_WORKER_ERRORS:
                 refs[ref].alive = False
 
     def _refresh_members(self, *, probe: bool = True) -> None:
@@ -235,22 +211,21 @@ class RayExecutor:
             if name not in self._members:
                 self._members[name] = self._spawn(name, cache_dir, node_id)
 
-    def _spawn(self, name: str, cache_dir: str, node_id: str | None) -> _Member:
+    def _spawn(self, name: str, cache_dir: str, node_id: str | None) -> Member:
         config = self.fs.cache_config
         share = 1 if self._per_node else max(1, self.workers)
         cache = asdict(config)
         cache.update(directory=cache_dir, size_limit=max(config.block_size, config.size_limit // share))
         # Credentials travel as plain data inside Ray; never logged, never returned.
         store = asdict(self.fs.store_config)
-        # Control calls (ping, cancel, stats) have their own thread: they answer while tasks run.
         options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": self.max_concurrency, "max_restarts": 0}
         if node_id is not None:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
-        actor = _actor_class().options(**options)
+        actor = actor_class().options(**options)
         handle = actor.remote(name, cache, store, tuple(self.fs.protocol), self.task_delay_s)
-        return _Member(name=name, handle=handle, cache_dir=cache_dir, node_id=node_id)
+        return Member(name=name, handle=handle, cache_dir=cache_dir, node_id=node_id)
 
-    def _retire(self, *members: _Member) -> None:
+    def _retire(self, *members: Member) -> None:
         """Stop actors: live ones flush their cache writes first, then all are killed."""
         closing = []
         for member in members:
@@ -274,12 +249,12 @@ class RayExecutor:
     def worker_stats(self) -> dict[str, dict[str, Any]]:
         """Per live member: tasks run, cache hits, bytes by tier (see ``ShoalWorker.stats``)."""
         live = [m for m in self._members.values() if m.alive]
-        refs = [_control(m.handle.stats).remote() for m in live]
+        refs = [control(m.handle.stats).remote() for m in live]
         out: dict[str, dict[str, Any]] = {}
         for member, ref in zip(live, refs):
             try:
                 out[member.name] = ray.get(ref, timeout=60)
-            except _LOST:
+            except LOST_WORKER_ERRORS:
                 member.alive = False
         return out
 
@@ -289,7 +264,7 @@ class RayExecutor:
 
     def drop_memory(self) -> None:
         """Make every worker forget its in-memory block tier (SSD caches stay)."""
-        ray.get([_control(m.handle.drop_memory).remote() for m in self._members.values() if m.alive])
+        ray.get([control(m.handle.drop_memory).remote() for m in self._members.values() if m.alive])
 
     # -- running ----------------------------------------------------------------------
 
@@ -300,13 +275,17 @@ class RayExecutor:
         with self._lock:
             self._refresh_members()
             self._queries += 1
-            return _Query(self, tasks, cancel).run()
+            return QueryDispatch(self, tasks, cancel).run()
+
+    def _note_ran(self, key: str, member: str) -> None:
+        self._ran.setdefault(key, set()).add(member)
+        self._ran.move_to_end(key)
+        if len(self._ran) > _RAN_KEYS:
+            self._ran.popitem(last=False)
 
     def _place(self, tasks: list[ScanTask], names: list[str]) -> list[str]:
         keys = [task_key(t) for t in tasks]
         if not self.affinity:
-            import random
-
             rng = random.Random(self._queries)
             chosen = [rng.choice(names) for _ in tasks]
         else:
@@ -324,189 +303,6 @@ class RayExecutor:
         self._members.clear()
         if self._owns_runtime and ray.is_initialized():
             ray.shutdown()
-
-
-class _Query:
-    """One ``run``: dispatch with bounded in-flight work, collect, re-run lost fragments."""
-
-    def __init__(self, executor: RayExecutor, tasks: list[ScanTask], cancel: threading.Event) -> None:
-        self.ex = executor
-        self.tasks = tasks
-        self.cancel = cancel
-        self.id = uuid.uuid4().hex
-        self.data = [task_to_data(t) for t in tasks]
-        self.results: list[ScanResult | None] = [None] * len(tasks)
-        self.attempts = [0] * len(tasks)
-        self.inflight: dict[Any, tuple[int, _Member]] = {}
-        self.bytes_in = 0
-        self.window = 2 * executor.max_concurrency
-
-    def live(self) -> list[_Member]:
-        return [m for m in self.ex._members.values() if m.alive]
-
-    def run(self) -> list[ScanResult]:
-        if not self.tasks:
-            return []
-        live = self.live()
-        if not live:
-            raise WorkerError("no live ray workers")
-        placed = self.ex._place(self.tasks, [m.name for m in live])
-        for index, name in enumerate(placed):
-            self.ex._members[name].queue.append(index)
-        try:
-            self._loop()
-        except BaseException:
-            self._abandon()
-            raise
-        finally:
-            for member in self.ex._members.values():
-                member.queue.clear()
-                member.running = 0
-        self._collect_tail_io()
-        return [r for r in self.results if r is not None]
-
-    def _loop(self) -> None:
-        remaining = len(self.tasks)
-        while remaining:
-            if self.cancel.is_set():
-                raise QueryCancelled("query cancelled")
-            self._submit()
-            if not self.inflight:
-                raise WorkerError("no live ray workers left to run the query's fragments")
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.1)
-            for ref in ready:
-                index, member = self.inflight.pop(ref)
-                member.running -= 1
-                try:
-                    out = ray.get(ref)
-                except _LOST as exc:
-                    self._lost(index, member, exc)
-                    continue
-                except ray.exceptions.TaskCancelledError:
-                    raise QueryCancelled("query cancelled") from None
-                except ray.exceptions.RayTaskError as exc:
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, BaseException):
-                        raise cause from None
-                    raise WorkerError(f"fragment failed on ray worker {member.name}: {exc}") from None
-                self._accept(index, out)
-                task = self.tasks[index]
-                self.ex.last_assignment[(task.table, task.fragment)] = member.name
-                remaining -= 1
-
-    def _submit(self) -> None:
-        live = self.live()
-        for member in live:
-            while member.queue and member.running < self.window:
-                self._send(member, member.queue.popleft())
-        if not self.ex.steal:
-            return
-        # Soft affinity: a worker with an idle thread and nothing of its own
-        # takes the smallest queued fragment of the most backlogged worker.
-        for thief in live:
-            while not thief.queue and thief.running < self.ex.max_concurrency:
-                victim = max(live, key=lambda m: len(m.queue))
-                if not victim.queue:
-                    return
-                self._send(thief, victim.queue.pop())
-                self.ex.steals += 1
-
-    def _send(self, member: _Member, index: int) -> None:
-        self.attempts[index] += 1
-        ref = member.handle.run.remote(self.id, self.data[index])
-        self.inflight[ref] = (index, member)
-        member.running += 1
-
-    def _accept(self, index: int, out: dict[str, Any]) -> None:
-        table = out["table"]
-        self.bytes_in += table.nbytes
-        ledger = self.ex.fs.reader.ledger
-        for url, delta in out["io"].items():
-            ledger.add(url, **delta)
-        budget = self.ex.memory_budget
-        if budget is not None and self.bytes_in > budget:
-            raise WorkerError(
-                f"the query's scan results exceed the coordinator's memory budget "
-                f"({self.bytes_in} > {budget} bytes); raise memory_budget or make the query more "
-                f"selective (spilling to the object store is not implemented)")
-        self.results[index] = ScanResult(task=self.tasks[index], table=table, seconds=out["seconds"],
-                                         worker=out["worker"])
-
-    def _lost(self, index: int, member: _Member, exc: BaseException) -> None:
-        if member.alive:
-            member.alive = False
-            logger.warning("ray worker %s lost mid-query (%s); re-running its fragments elsewhere",
-                           member.name, type(exc).__name__)
-        orphans = [index] + list(member.queue)
-        member.queue.clear()
-        # Others may be gone too (a node lost): find out before handing them work.
-        self.ex._probe(timeout=1.0)
-        for other in self.ex._members.values():
-            if not other.alive and other.queue:
-                orphans += list(other.queue)
-                other.queue.clear()
-        live = self.live()
-        if not live:
-            # Everyone is gone: replace them (same names, same caches) and go on.
-            self.ex._refresh_members(probe=False)
-            live = self.live()
-        for orphan in orphans:
-            task = self.tasks[orphan]
-            if self.attempts[orphan] >= self.ex.max_attempts:
-                raise WorkerError(
-                    f"fragment {task.fragment} of {task.table} failed on {self.attempts[orphan]} "
-                    f"ray workers (last: {member.name}, {type(exc).__name__}); giving up") from exc
-            if not live:
-                raise WorkerError(f"every ray worker was lost while running the query "
-                                  f"(last: {member.name}, {type(exc).__name__})") from exc
-            names = {m.name: m for m in live}
-            target = names[ranking(task_key(task), names)[0]]
-            target.queue.append(orphan)
-            self.ex.retries += 1
-
-    def _abandon(self) -> None:
-        """Stop the query's work on the workers (cancellation or failure)."""
-        members = {id(m): m for _, m in self.inflight.values() if m.alive}
-        for member in members.values():
-            try:
-                _control(member.handle.cancel).remote(self.id)
-            except Exception:  # noqa: BLE001
-                pass
-        for ref in list(self.inflight):
-            try:
-                ray.cancel(ref)
-            except Exception:  # noqa: BLE001
-                pass
-        # Let the actors go idle before the next query; their answers no longer matter.
-        if self.inflight:
-            ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=10)
-        self.inflight.clear()
-
-    def _collect_tail_io(self) -> None:
-        """I/O that finished after a worker's last result (read-ahead): into the ledger."""
-        live = self.live()
-        refs = [_control(m.handle.take_io).remote() for m in live]
-        ledger = self.ex.fs.reader.ledger
-        for member, ref in zip(live, refs):
-            try:
-                io = ray.get(ref, timeout=60)
-            except _LOST:
-                member.alive = False
-                continue
-            for url, delta in io.items():
-                ledger.add(url, **delta)
-
-
-_CONTROL = "control"
-
-
-@functools.lru_cache(maxsize=None)
-def _actor_class() -> Any:
-    return ray.remote(concurrency_groups={_CONTROL: 1})(ShoalWorker)
-
-
-def _control(method: Any) -> Any:
-    return method.options(concurrency_group=_CONTROL)
 
 
 def _local_index(name: str) -> int:

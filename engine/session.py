@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -111,6 +111,8 @@ class Session:
         another registered executor.
     catalog:
         Path of a TOML catalog file to load.
+    executor_options:
+        Passed to the executor, e.g. ``{"address": "ray://head:10001"}`` for ``ray``.
     allowed_paths:
         Local directories SQL may read (default ``SHOAL_ALLOWED_PATHS``, else
         unrestricted); object stores stay reachable through Shoal's filesystem.
@@ -126,6 +128,7 @@ class Session:
         catalog: str | Path | None = None,
         fs: ShoalFileSystem | None = None,
         allowed_paths: Sequence[str] | None = None,
+        executor_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.fs = fs or ShoalFileSystem(cache=cache, store=store)
         self.catalog = Catalog()
@@ -135,7 +138,8 @@ class Session:
         self.workers = workers or (int(env_workers) if env_workers else (os.cpu_count() or 1))
         if self.workers < 1:
             raise EngineError("workers must be at least 1")
-        self.executor: Executor = create_executor(executor, self.fs, workers=self.workers)
+        self.executor: Executor = create_executor(executor, self.fs, workers=self.workers,
+                                                  **dict(executor_options or {}))
         # Fused scans are parallel inside DuckDB: no need to split files into row groups.
         self.allowed_paths = allowed_paths_from_env() if allowed_paths is None else tuple(allowed_paths)
         self.planner = Planner(self.fs, self.catalog, workers=1 if self.executor.fused else self.workers,
