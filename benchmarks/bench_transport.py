@@ -1,0 +1,357 @@
+#!/usr/bin/env python
+"""Benchmark of the TCP block transport (issue 5), against raw sockets in the same run.
+
+One command::
+
+    .venv/bin/python benchmarks/bench_transport.py           # full (about 2 minutes)
+    .venv/bin/python benchmarks/bench_transport.py --quick   # smaller, no RESULTS.md update
+
+Processes, all on loopback:
+
+* a real ``shoal worker`` (``python -m shoal.transport.worker``) whose cache
+  directory was filled beforehand with 4 MiB and 64 KiB blocks; it serves them
+  with ``sendfile`` from the cache files (the OS page cache is warm after a
+  warm-up pass; nothing is dropped);
+* a raw socket server (this file, ``--raw-server``): on each 8-byte request
+  ``n`` it sends ``n`` bytes from a preallocated buffer with ``sendall``.
+
+Measured, client in this process, one thread:
+
+1. **bulk**: 4 MiB blocks fetched with ``TcpTransport.fetch`` in pipelined
+   batches of 8 over one connection (checksums verified, ``recv_into`` reused
+   buffers), against the raw blaster streaming the same number of bytes over
+   one connection into a reused 4 MiB buffer.  Also with 2 connections.
+2. **latency**: one 64 KiB block at a time (depth 1), p50 and p99, against a
+   raw round trip of 1 byte and a raw "8-byte request, 64 KiB answer" on the
+   raw server, and a protocol PING.
+
+Every figure is the median of 5 runs (min-max shown).  Results:
+``benchmarks/results/transport.json`` and ``transport.md``; full runs also
+update the "Transport (issue 5)" section of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+MiB = 1 << 20
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+SECTION = "## Transport (issue 5)"
+SECRET = b"bench-transport-secret-0123456789abcdef"
+TARGET_BULK = 0.6  # peer fetch / raw blaster bandwidth
+
+
+# -- raw socket server (a subprocess) ----------------------------------------------------
+
+
+def raw_server() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    print(listener.getsockname()[1], flush=True)
+    payload = memoryview(bytearray(os.urandom(4 * MiB)))
+
+    def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = bytearray(8)
+        while True:
+            got = 0
+            while got < 8:
+                n = conn.recv_into(memoryview(request)[got:])
+                if not n:
+                    return
+                got += n
+            (size,) = struct.unpack("<Q", request)
+            while size > 0:
+                chunk = min(size, len(payload))
+                conn.sendall(payload[:chunk])
+                size -= chunk
+
+    import threading
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def start_process(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+class RawClient:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = memoryview(bytearray(4 * MiB))
+
+    def request(self, size: int) -> None:
+        self.sock.sendall(struct.pack("<Q", size))
+        while size > 0:
+            n = self.sock.recv_into(self.buffer, min(size, len(self.buffer)))
+            if not n:
+                raise ConnectionError("raw server closed")
+            size -= n
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- measurements -------------------------------------------------------------------------
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    try:
+        import psutil
+
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+    except Exception:  # noqa: BLE001 - optional
+        return float("nan")
+
+
+def fill_cache(directory: Path, big: int, small: int) -> tuple[list[str], list[str]]:
+    from shoal.cache import BlockCache, CacheConfig
+
+    cache = BlockCache(CacheConfig(directory=directory, block_size=4 * MiB, size_limit=8 << 30))
+    big_keys, small_keys = [f"bench:big:{i}" for i in range(big)], [f"bench:small:{i}" for i in range(small)]
+    for key in big_keys:
+        cache.put(key, os.urandom(4 * MiB))
+    for key in small_keys:
+        cache.put(key, os.urandom(64 << 10))
+    cache.close()
+    return big_keys, small_keys
+
+
+def bench(quick: bool) -> dict[str, Any]:
+    from shoal.transport import BlockRequest, ClientConfig, Outcome, PeerAddress, TcpTransport
+
+    runs = 5
+    big_count = 16 if quick else 64
+    passes = 1 if quick else 4
+    latency_n = 300 if quick else 2000
+    tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-transport-"))
+    secret_file = tmp / "secret"
+    secret_file.write_bytes(SECRET)
+    secret_file.chmod(0o600)
+    big_keys, small_keys = fill_cache(tmp / "cache", big_count, 256)
+    env = {**os.environ, "SHOAL_LOG_LEVEL": "WARNING"}
+    worker, line = start_process([sys.executable, "-m", "shoal.transport.worker", "--listen", "127.0.0.1:0",
+                                  "--cache-dir", str(tmp / "cache"), "--secret-file", str(secret_file),
+                                  "--transport", "tcp"], env)
+    address = PeerAddress.parse(line.split("listening on ")[1].split()[0])
+    raw, port = start_process([sys.executable, __file__, "--raw-server"])
+    results: dict[str, Any] = {}
+    try:
+        total_bytes = big_count * passes * 4 * MiB
+
+        def peer_bulk(connections: int) -> Callable[[], float]:
+            client = TcpTransport(SECRET, config=ClientConfig(connections_per_peer=connections, max_block=16 * MiB))
+            buffers = [memoryview(bytearray(4 * MiB)) for _ in range(8)]
+            requests = [BlockRequest(k, "bench", 4 * MiB) for k in big_keys]
+
+            def one_pass() -> None:
+                for i in range(0, len(requests), 8):
+                    batch = requests[i : i + 8]
+                    outcomes = client.fetch(address, batch, buffers[: len(batch)], timeout=30)
+                    if outcomes != [Outcome.FILLED] * len(batch):
+                        raise RuntimeError(f"bench fetch failed: {outcomes}")
+
+            one_pass()  # warm-up: connections, page cache
+
+            def run() -> float:
+                start = time.perf_counter()
+                for _ in range(passes):
+                    one_pass()
+                return total_bytes / (time.perf_counter() - start) / MiB
+
+            run.client = client  # type: ignore[attr-defined]
+            return run
+
+        rawc = RawClient(int(port))
+        rawc.request(64 * MiB)  # warm-up
+
+        def raw_bulk() -> float:
+            start = time.perf_counter()
+            rawc.request(total_bytes)
+            return total_bytes / (time.perf_counter() - start) / MiB
+
+        # Paired runs (raw, peer 1 connection, peer 2 connections, in turn): the
+        # machine's background load hits all three alike, and ratios are taken pair by pair.
+        one, two = peer_bulk(1), peer_bulk(2)
+        raw_runs, one_runs, two_runs, client_cpu, worker_cpu = [], [], [], 0.0, 0.0
+        for _ in range(runs):
+            raw_runs.append(raw_bulk())
+            cpu0, wcpu0 = cpu_seconds(), process_cpu(worker.pid)
+            one_runs.append(one())
+            client_cpu += cpu_seconds() - cpu0
+            worker_cpu += process_cpu(worker.pid) - wcpu0
+            two_runs.append(two())
+        gib = runs * total_bytes / (1 << 30)
+        results["raw_bulk_1conn_mib_s"] = median_of_values(raw_runs)
+        results["peer_bulk_1conn_mib_s"] = median_of_values(one_runs)
+        results["peer_bulk_2conn_mib_s"] = median_of_values(two_runs)
+        results["peer_cpu_s_per_gib"] = {"client": client_cpu / gib, "worker": worker_cpu / gib}
+        results["bulk_ratio_runs"] = [p / r for p, r in zip(one_runs, raw_runs)]
+        results["bulk_ratio"] = statistics.median(results["bulk_ratio_runs"])
+        results["bulk_ratio_2conn"] = statistics.median(p / r for p, r in zip(two_runs, raw_runs))
+
+        # -- latency: depth 1 --------------------------------------------------------------
+        client = TcpTransport(SECRET, config=ClientConfig(connections_per_peer=1))
+        buffer = [memoryview(bytearray(64 << 10))]
+        small_requests = [BlockRequest(k, "bench", 64 << 10) for k in small_keys]
+
+        def fetch_latencies() -> list[float]:
+            out = []
+            for i in range(latency_n):
+                request = small_requests[i % len(small_requests)]
+                start = time.perf_counter()
+                if client.fetch(address, [request], buffer, timeout=5) != [Outcome.FILLED]:
+                    raise RuntimeError("64 KiB fetch failed")
+                out.append(time.perf_counter() - start)
+            return out
+
+        def timed(fn: Callable[[], None]) -> list[float]:
+            out = []
+            for _ in range(latency_n):
+                start = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - start)
+            return out
+
+        fetch_latencies()  # warm-up
+        series: dict[str, list[list[float]]] = {"peer_fetch_64k": [], "raw_rtt_1b": [], "raw_64k": [],
+                                                "protocol_ping": []}
+        for _ in range(runs):  # interleaved, like the bulk runs
+            series["raw_rtt_1b"].append(timed(lambda: rawc.request(1)))
+            series["raw_64k"].append(timed(lambda: rawc.request(64 << 10)))
+            series["protocol_ping"].append(timed(lambda: client.ping(address)))
+            series["peer_fetch_64k"].append(fetch_latencies())
+        latency: dict[str, Any] = {}
+        for name, values in series.items():
+            p50s = [statistics.median(v) * 1e6 for v in values]
+            p99s = [sorted(v)[int(0.99 * len(v)) - 1] * 1e6 for v in values]
+            latency[name] = {"p50_us": median_of_values(p50s), "p99_us": median_of_values(p99s)}
+        results["latency"] = latency
+        results["latency_ratio_p50_vs_raw_64k"] = (latency["peer_fetch_64k"]["p50_us"]["median"]
+                                                   / latency["raw_64k"]["p50_us"]["median"])
+        results["latency_ratio_p50_vs_raw_rtt"] = (latency["peer_fetch_64k"]["p50_us"]["median"]
+                                                   / latency["raw_rtt_1b"]["p50_us"]["median"])
+        worker_stats = client.remote_stats(address)["server"]
+        results["worker_sendfile_share"] = worker_stats["sendfile_bytes"] / max(1, worker_stats["bytes_sent"])
+        client.close()
+        one.client.close()  # type: ignore[attr-defined]
+        two.client.close()  # type: ignore[attr-defined]
+        rawc.close()
+    finally:
+        worker.terminate()
+        raw.terminate()
+        worker.wait(10)
+        raw.wait(10)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["config"] = {"quick": quick, "runs": runs, "bulk_bytes_per_run": total_bytes, "block": "4 MiB",
+                         "pipeline_depth": 8, "latency_samples_per_run": latency_n}
+    results["machine"] = {"python": platform.python_version(), "platform": platform.platform(),
+                          "cpus": os.cpu_count(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return results
+
+
+def median_of_values(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def render(res: dict[str, Any]) -> str:
+    def rng(d: dict[str, Any], fmt: str = "{:.0f}") -> str:
+        return f"{fmt.format(d['median'])} ({fmt.format(d['min'])}-{fmt.format(d['max'])})"
+
+    lat = res["latency"]
+    verdict = "meets" if res["bulk_ratio"] >= TARGET_BULK else "MISSES"
+    lines = [
+        f"Loopback, one client thread, median of {res['config']['runs']} runs (min-max); "
+        f"{res['machine']['cpus']} CPUs, Python {res['machine']['python']}. "
+        f"Worker = a real `shoal worker` process serving 4 MiB blocks from its cache files with `sendfile` "
+        f"({res['worker_sendfile_share']:.0%} of bytes); raw = `sendall`/`recv_into` on a plain socket.",
+        "",
+        "| bulk, 4 MiB blocks | MiB/s | ratio to raw |",
+        "|---|---|---|",
+        f"| raw socket blaster, 1 connection | {rng(res['raw_bulk_1conn_mib_s'])} | 1.00 |",
+        f"| peer fetch, 1 connection, 8 in flight | {rng(res['peer_bulk_1conn_mib_s'])} | **{res['bulk_ratio']:.2f}** |",
+        f"| peer fetch, 2 connections, 8 in flight | {rng(res['peer_bulk_2conn_mib_s'])} | {res['bulk_ratio_2conn']:.2f} |",
+        "",
+        f"Target >= {TARGET_BULK}x of raw: **{verdict}** ({res['bulk_ratio']:.2f}x). "
+        f"CPU per GiB fetched: client {res['peer_cpu_s_per_gib']['client']:.2f} s, "
+        f"worker {res['peer_cpu_s_per_gib']['worker']:.2f} s.",
+        "",
+        "| latency, depth 1 | p50 µs | p99 µs |",
+        "|---|---|---|",
+        f"| raw round trip, 1 byte | {rng(lat['raw_rtt_1b']['p50_us'])} | {rng(lat['raw_rtt_1b']['p99_us'])} |",
+        f"| raw 8-byte request, 64 KiB answer | {rng(lat['raw_64k']['p50_us'])} | {rng(lat['raw_64k']['p99_us'])} |",
+        f"| protocol PING (authenticated connection) | {rng(lat['protocol_ping']['p50_us'])} | "
+        f"{rng(lat['protocol_ping']['p99_us'])} |",
+        f"| peer fetch of one 64 KiB block | {rng(lat['peer_fetch_64k']['p50_us'])} | "
+        f"{rng(lat['peer_fetch_64k']['p99_us'])} |",
+        "",
+        f"64 KiB fetch p50 = {res['latency_ratio_p50_vs_raw_64k']:.1f}x the raw 64 KiB exchange, "
+        f"{res['latency_ratio_p50_vs_raw_rtt']:.1f}x the raw 1-byte round trip.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_results_md(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Shoal benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    new = SECTION + "\n\n" + body.rstrip("\n") + "\n\n"
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + new
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        text = "".join(lines[:start]) + new + "".join(lines[end:])
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller; writes transport-quick.* only")
+    parser.add_argument("--raw-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.raw_server:
+        raw_server()
+        return 0
+    res = bench(args.quick)
+    md = render(res)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stem = "transport-quick" if args.quick else "transport"
+    (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS_DIR / f"{stem}.md").write_text("# Transport benchmark (issue 5)\n\n" + md)
+    print(md)
+    if not args.quick:
+        update_results_md(HERE / "RESULTS.md", md)
+        print(f"updated the '{SECTION}' section of {HERE / 'RESULTS.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
