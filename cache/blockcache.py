@@ -44,6 +44,7 @@ PROMOTE_AFTER_S = 600.0
 _STATS_KEY_PREFIX = "shoal.stats."
 # At most this many pieces are indexed per block (a bound on the index entry).
 _MAX_PIECES = 512
+_PIECE_LISTS = 4096  # blocks whose piece lists are kept in memory
 # After this many consecutive write failures, stop trying to write for a while.
 _FAILURES_BEFORE_BACKOFF = 3
 _WRITE_BACKOFF_PUTS = 256
@@ -200,7 +201,7 @@ class _OpenBlock:
         return raw[lo - base : hi - base]
 
 
-_OPEN_BLOCKS = 8  # block files kept open per cache
+_OPEN_BLOCKS = 128  # block and piece files kept open per cache (file descriptors)
 
 
 class BlockCache:
@@ -217,6 +218,9 @@ class BlockCache:
         self._flushed: dict[str, int] = {}
         self._open: collections.OrderedDict[str, _OpenBlock] = collections.OrderedDict()
         self._open_lock = threading.Lock()
+        # Piece lists of recently used blocks, so a warm read of a piece costs
+        # no index lookup (another process's newer pieces show up on a miss).
+        self._piece_lists: collections.OrderedDict[str, tuple[tuple[int, int], ...]] = collections.OrderedDict()
         #: Set by the reader to re-store old hit blocks in its background writer.
         self.on_promote: Callable[[str], None] | None = None
         if not config.enabled:
@@ -396,8 +400,9 @@ class BlockCache:
             with self._cache.transact(retry=True):  # several processes may add pieces
                 raw = self._cache.get(f"{block_key}#p", default=b"", retry=True)
                 pieces = set(struct.iter_unpack("<II", raw)) | {(offset, offset + len(data))}
-                packed = b"".join(struct.pack("<II", lo, hi) for lo, hi in sorted(pieces)[-_MAX_PIECES:])
-                self._cache.set(f"{block_key}#p", packed, retry=True)
+                kept = sorted(pieces)[-_MAX_PIECES:]
+                self._cache.set(f"{block_key}#p", b"".join(struct.pack("<II", lo, hi) for lo, hi in kept), retry=True)
+            self._remember_pieces(block_key, tuple(kept))
             return True
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self.metrics.add(write_failures=1)
@@ -408,13 +413,36 @@ class BlockCache:
         """Bytes ``[lo, hi)`` of a block from a stored piece that covers them, or None."""
         if self._cache is None:
             return None
+        with self._open_lock:
+            known = self._piece_lists.get(block_key)
+        if known is not None:
+            found = self._read_from_pieces(block_key, known, lo, hi)
+            if found is not None:
+                return found
         try:
             raw = self._cache.get(f"{block_key}#p", default=None, retry=True)
         except (OSError, sqlite3.Error, diskcache.Timeout):
             return None
         if not raw:
             return None
-        pieces = sorted(struct.iter_unpack("<II", raw))
+        pieces = tuple(sorted(struct.iter_unpack("<II", raw)))
+        self._remember_pieces(block_key, pieces)
+        return self._read_from_pieces(block_key, pieces, lo, hi)
+
+    def known_partial(self, block_key: str) -> bool:
+        """Whether this process has seen the block stored as pieces (read those first)."""
+        with self._open_lock:
+            return block_key in self._piece_lists
+
+    def _remember_pieces(self, block_key: str, pieces: tuple[tuple[int, int], ...]) -> None:
+        with self._open_lock:
+            self._piece_lists[block_key] = pieces
+            self._piece_lists.move_to_end(block_key)
+            while len(self._piece_lists) > _PIECE_LISTS:
+                self._piece_lists.popitem(last=False)
+
+    def _read_from_pieces(self, block_key: str, pieces: tuple[tuple[int, int], ...], lo: int, hi: int
+                          ) -> memoryview | None:
         for start, end in pieces:
             if start <= lo and hi <= end:
                 data = self.read_range(f"{block_key}@{start}", lo - start, hi - start)

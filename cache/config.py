@@ -21,10 +21,15 @@ __all__ = ["CacheConfig", "StoreConfig", "parse_size", "default_cache_dir"]
 MiB = 1 << 20
 GiB = 1 << 30
 
-# 4 MiB blocks: measured in benchmarks/bench_cache.py (see benchmarks/RESULTS.md).
-# Smaller blocks multiply GETs (each pays ~27 ms first-byte latency on S3) and
-# cache-index rows; larger blocks over-fetch for projected Parquet columns.
-DEFAULT_BLOCK_SIZE = 4 * MiB
+# 8 MiB blocks, chosen with the block-size sweep of benchmarks/bench_cache.py
+# (benchmarks/RESULTS.md, "Cache tier"): an 8 MiB read of a warm 8 MiB block is
+# one pread into the returned bytes (4 MiB blocks cost a join: ~1.5x the CPU
+# per warm GiB); a cold 8 MiB GET spends ~83% of its time moving bytes at
+# S3's ~27 ms first byte and 60 MiB/s (4 MiB: ~70%) and halves the GETs (AWS
+# recommends 8-16 MB ranges).  The price is over-fetch for projected Parquet
+# columns: only blocks at or below the column-chunk size avoid it, and
+# 1-2 MiB blocks would multiply GETs and per-read costs for every scan.
+DEFAULT_BLOCK_SIZE = 8 * MiB
 DEFAULT_CACHE_SIZE = 10 * GiB
 
 _UNITS = {

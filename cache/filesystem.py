@@ -20,6 +20,7 @@ import contextlib
 import functools
 import datetime
 import io
+import os
 import logging
 import threading
 from typing import Any, Callable, Iterator
@@ -42,6 +43,15 @@ _SEQUENTIAL_AFTER = 3
 
 def _url(protocol: str, path: str) -> str:
     return f"{protocol}://{path}" if protocol != "file" else path
+
+
+def _peers_from_env() -> Any:
+    """The peer cache tier when ``SHOAL_PEERS`` names workers (else None)."""
+    if not os.environ.get("SHOAL_PEERS"):
+        return None
+    from shoal.transport.peercache import PeerTier  # only peer users pay for the transport
+
+    return PeerTier.from_env()
 
 
 def _recorded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,7 +98,7 @@ class ShoalFileSystem(AbstractFileSystem):
         self.protocol = tuple(protocols)
         self.cache_config = cache or CacheConfig.from_env()
         self.store_config = store or StoreConfig.from_env()
-        self.reader = reader or BlockReader(self.cache_config)
+        self.reader = reader or BlockReader(self.cache_config, peers=_peers_from_env())
         self._sources: dict[str, ObjectSource] = {}
         self._sources_lock = threading.Lock()
         self._pins: dict[str, ObjectVersion] | None = None
@@ -300,10 +310,14 @@ class ShoalFileSystem(AbstractFileSystem):
             volume=self.reader.cache.volume(),
             enabled=self.reader.cache.available,
         )
+        if self.reader.peers is not None:
+            data["tiers"] = self.reader.peers.stats(data)
         return data
 
     def close(self) -> None:
         self.reader.close()
+        if self.reader.peers is not None:
+            self.reader.peers.close()
 
 
 class ShoalFile(io.RawIOBase):

@@ -209,7 +209,11 @@ class BlockReader:
             # From the SSD, read (and verify) only the chunks this read covers:
             # whole blocks would be read again for every small read of them.
             hi = min(hi, version.size - index * bs)
-            piece = None if fetching else self.cache.read_range(key, lo, hi)
+            piece = None
+            if not fetching and self.cache.known_partial(key):
+                piece = self.cache.read_piece(key, lo, hi)  # skip the whole-block lookup
+            if piece is None and not fetching:
+                piece = self.cache.read_range(key, lo, hi)
             if piece is None and not fetching:
                 pending = self._pending_piece(key, lo, hi)
                 if pending is not None:
@@ -222,7 +226,9 @@ class BlockReader:
                 self.ledger.add(version.url, bytes_from_cache=len(piece), blocks_hit=1)
             else:
                 missing.append(index)
-        whole = [i for i in missing if whole_blocks or _covers_block(i, start, end, bs, version.size)]
+        # With a peer tier, misses are whole blocks: the unit peers cache and share.
+        whole = [i for i in missing
+                 if whole_blocks or self.peers is not None or _covers_block(i, start, end, bs, version.size)]
         partial = [i for i in missing if i not in whole]
         if whole:
             blocks = self._resolve(source, version, whole, wait=True, ssd_checked=True)
@@ -364,7 +370,9 @@ class BlockReader:
                     continue
                 wanted.append((index, lo, hi))
                 requested += hi - lo
-            if wanted:
+            if wanted and self.peers is not None:  # whole blocks, from their owners (or the store)
+                self._prefetch_pool.submit(self._prefetch_quietly, source, version, [i for i, _, _ in wanted])
+            elif wanted:
                 futures = self._register_pieces(object_key, wanted)
                 self._prefetch_pool.submit(self._prefetch_pieces_quietly, source, version, object_key, wanted, futures)
         return requested

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     warm = cache_commands.add_parser("warm", parents=[common], help="read a table or URL into the cache")
     warm.add_argument("target", metavar="URL_OR_TABLE", help="table name, object URL, prefix (ending in /) or glob")
 
+    # Listed for --help; "shoal worker ..." is dispatched before parsing (its own flags).
+    commands.add_parser("worker", help="serve this machine's block cache to peers (see shoal worker --help)")
     config = commands.add_parser("config", parents=[common], help="show the effective configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     config_commands.required = True
@@ -245,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["worker"]:
+        # A standalone peer-cache worker has its own flags (shoal worker --help).
+        from shoal.transport.worker import main as worker_main
+
+        return int(worker_main(args_list[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))

@@ -1,0 +1,316 @@
+"""The peer cache tier with real worker PROCESSES (``shoal.transport.worker``) on
+loopback, each with its own cache directory, against real S3 servers."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from s3servers import S3Endpoint, free_port
+
+from shoal.cache import BlockReader, CacheConfig, ObjectChangedError, ShoalFileSystem, StoreConfig
+from shoal.transport import PeerConfig, PeerTier, TcpTransport
+from shoal.transport.worker import main as worker_main
+
+BS = 64 * 1024
+SECRET = b"peer-cache-test-secret-0123456789"
+
+
+class Cluster:
+    """Worker processes serving their caches; ``stats()`` asks each over the protocol."""
+
+    def __init__(self, endpoint: S3Endpoint, root: Path, count: int) -> None:
+        self.root = root
+        self.secret_file = root / "secret"
+        self.secret_file.write_bytes(SECRET)
+        self.secret_file.chmod(0o600)
+        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": endpoint.endpoint_url, "AWS_ACCESS_KEY_ID": endpoint.access_key,
+               "AWS_SECRET_ACCESS_KEY": endpoint.secret_key, "AWS_REGION": endpoint.region,
+               "SHOAL_LOG_LEVEL": "WARNING", "SHOAL_CACHE_BLOCK_SIZE": str(BS)}
+        self.procs: list[subprocess.Popen[str]] = []
+        for n, address in enumerate(self.addresses):
+            log = open(root / f"worker{n}.log", "w")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-c", "import sys; from shoal.transport.worker import main; sys.exit(main())",
+                 "--listen", address, "--cache-dir", str(root / f"cache{n}"), "--secret-file", str(self.secret_file),
+                 "--peers", ",".join(self.addresses), "--transport", "tcp"],
+                stdout=subprocess.PIPE, stderr=log, text=True, env=env))
+        for proc in self.procs:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if "listening on" not in line:
+                self.close()
+                raise RuntimeError(f"worker did not start: {line!r}; see {root}/worker*.log")
+        self.admin = TcpTransport(SECRET)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [self.admin.remote_stats(a) if proc.poll() is None else {}
+                for a, proc in zip(self.addresses, self.procs)]
+
+    def store_gets(self) -> int:
+        total = 0
+        for stat in self.stats():
+            for source in stat.get("provider", {}).get("store", {}).values():
+                total += source["requests"]
+        return total
+
+    def kill(self, n: int) -> None:
+        self.procs[n].send_signal(signal.SIGKILL)
+        self.procs[n].wait(10)
+
+    def close(self) -> None:
+        if hasattr(self, "admin"):
+            self.admin.close()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if proc.stdout:
+                proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(s3_endpoint, tmp_path_factory.mktemp("cluster"), 3)
+    yield c
+    c.close()
+
+
+MakeFs = Callable[..., ShoalFileSystem]
+
+
+@pytest.fixture
+def make_fs(s3_endpoint: S3Endpoint, tmp_path: Path) -> Iterator[MakeFs]:
+    """A client filesystem with its own cache dir and a peer tier over ``peers``."""
+    made: list[tuple[ShoalFileSystem, PeerTier]] = []
+
+    def make(peers: list[str], name: str = "client", **tier: Any) -> ShoalFileSystem:
+        cache = CacheConfig(directory=tmp_path / name, block_size=BS, readahead_blocks=0, max_request_size=BS)
+        store = StoreConfig(endpoint_url=s3_endpoint.endpoint_url, access_key=s3_endpoint.access_key,
+                            secret_key=s3_endpoint.secret_key, region=s3_endpoint.region)
+        peer_tier = PeerTier(PeerConfig(peers=tuple(peers), mode="tcp", **tier), SECRET)
+        fs = ShoalFileSystem(cache=cache, store=store, reader=BlockReader(cache, peers=peer_tier))
+        made.append((fs, peer_tier))
+        return fs
+
+    yield make
+    for fs, peer_tier in made:
+        fs.close()
+        peer_tier.close()
+
+
+def client_gets(fs: ShoalFileSystem) -> int:
+    return fs.source("s3").requests  # type: ignore[attr-defined]
+
+
+def put(s3_client: Any, bucket: str, key: str, size: int, seed: int) -> tuple[str, bytes]:
+    data = random.Random(seed).randbytes(size)
+    s3_client.put_object(Bucket=bucket, Key=key, Body=data)
+    return f"s3://{bucket}/{key}", data
+
+
+def test_store_is_read_once_per_block_for_the_cluster(cluster: Cluster, s3_client: Any, s3_bucket: str,
+                                                      make_fs: MakeFs) -> None:
+    url, data = put(s3_client, s3_bucket, "obj.bin", 10 * BS + 100, seed=1)
+    before = cluster.store_gets()
+    first = make_fs(cluster.addresses, "first")
+    assert first.cat_file(url) == data
+    assert client_gets(first) == 0  # every block came from its owner...
+    assert cluster.store_gets() - before == 11  # ...which read it from the store exactly once
+    tier = first.reader.peers
+    assert tier.metrics.peer_hits == 11 and tier.metrics.peer_bytes == len(data)
+
+    second = make_fs(cluster.addresses, "second")
+    assert second.cat_file(url) == data
+    assert client_gets(second) == 0 and cluster.store_gets() - before == 11  # no new store reads at all
+    owners = {str(tier.membership.owner(f"{second.reader._object_key(second.source('s3'), second.version(url))}:{i}"))
+              for i in range(11)}
+    assert len(owners) >= 2  # the blocks really are spread over the workers
+    stats = tier.stats(first.stats())
+    assert stats["peer"]["peer_hits"] == 11 and stats["store"]["requests"] == 0
+    assert stats["transport"]["by_transport"] == {"tcp": 11}
+
+
+def test_partial_reads_and_prefetch_go_through_the_owners(cluster: Cluster, s3_client: Any, s3_bucket: str,
+                                                          make_fs: MakeFs) -> None:
+    url, data = put(s3_client, s3_bucket, "cols.bin", 6 * BS, seed=7)
+    before = cluster.store_gets()
+    fs = make_fs(cluster.addresses, "parts")
+    assert fs.cat_file(url, start=100, end=200) == data[100:200]  # a piece of block 0
+    assert fs.cat_file(url, start=BS - 10, end=BS + 10) == data[BS - 10 : BS + 10]  # across blocks 0 and 1
+    assert fs.prefetch(url, [(2 * BS + 5, 2 * BS + 50), (4 * BS, 4 * BS + 1)]) > 0  # blocks 2 and 4
+    deadline = time.monotonic() + 10
+    while fs.reader.peers.metrics.peer_hits < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fs.reader.peers.metrics.peer_hits == 4
+    assert client_gets(fs) == 0 and cluster.store_gets() - before == 4  # whole blocks, read once, by owners
+    other = make_fs(cluster.addresses, "parts2")
+    assert other.cat_file(url, start=2 * BS + 5, end=2 * BS + 50) == data[2 * BS + 5 : 2 * BS + 50]
+    assert cluster.store_gets() - before == 4
+
+
+def test_concurrent_readers_share_one_store_read(cluster: Cluster, s3_client: Any, s3_bucket: str,
+                                                 make_fs: MakeFs) -> None:
+    url, data = put(s3_client, s3_bucket, "hot.bin", 12 * BS, seed=2)
+    before = cluster.store_gets()
+    clients = [make_fs(cluster.addresses, f"c{i}") for i in range(4)]
+    results: list[bool] = []
+
+    def read(fs: ShoalFileSystem, seed: int) -> None:
+        order = list(range(12))
+        random.Random(seed).shuffle(order)
+        results.append(all(fs.cat_file(url, start=i * BS, end=(i + 1) * BS) == data[i * BS:(i + 1) * BS]
+                           for i in order))
+
+    threads = [threading.Thread(target=read, args=(fs, n)) for n, fs in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [True] * 4
+    assert sum(client_gets(fs) for fs in clients) == 0
+    assert cluster.store_gets() - before == 12  # 4 readers, 12 blocks, one GET each for the cluster
+
+
+def test_new_version_is_never_served_from_an_old_block(cluster: Cluster, s3_client: Any, s3_bucket: str,
+                                                       make_fs: MakeFs) -> None:
+    url, old = put(s3_client, s3_bucket, "v.bin", 3 * BS, seed=3)
+    reader = make_fs(cluster.addresses, "old")
+    with reader.snapshot():
+        pinned = reader.version(url)
+        assert reader.cat_file(url) == old
+    _, new = put(s3_client, s3_bucket, "v.bin", 3 * BS, seed=4)
+    assert make_fs(cluster.addresses, "new").cat_file(url) == new  # new ETag -> new keys -> owners refill
+    # A reader still pinned to the old version gets the old bytes where owners have them cached...
+    stale_reader = make_fs(cluster.addresses, "pinned")
+    with stale_reader.snapshot():
+        stale_reader.pin(pinned)
+        assert stale_reader.cat_file(url) == old
+    # ...and where nobody has them, the owner's pinned store read fails and so does the read: never wrong bytes.
+    gone = make_fs(cluster.addresses, "gone")
+    with gone.snapshot():
+        gone.pin(type(pinned)(url=pinned.url, size=pinned.size, etag='"0123456789abcdef0123456789abcdef"'))
+        with pytest.raises(ObjectChangedError):
+            gone.cat_file(url)
+    assert gone.reader.peers.metrics.stale == 3
+
+
+@pytest.fixture
+def small_cluster(s3_endpoint: S3Endpoint, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(s3_endpoint, tmp_path, 2)
+    yield c
+    c.close()
+
+
+def test_dead_peer_costs_one_short_timeout_then_the_store(small_cluster: Cluster, s3_client: Any, s3_bucket: str,
+                                                          make_fs: MakeFs) -> None:
+    url, data = put(s3_client, s3_bucket, "obj.bin", 16 * BS, seed=5)
+    fs = make_fs(small_cluster.addresses, timeout=2.0, down_for=60.0)
+    tier = fs.reader.peers
+    key = fs.reader._object_key(fs.source("s3"), fs.version(url))
+    dead = small_cluster.addresses[1]
+    dead_blocks = [i for i in range(16) if str(tier.membership.owner(f"{key}:{i}")) == dead]
+    assert 0 < len(dead_blocks) < 16
+    small_cluster.kill(1)
+    start = time.monotonic()
+    assert fs.cat_file(url) == data  # right bytes: the dead peer's blocks came from the store
+    assert time.monotonic() - start < 10
+    assert tier.metrics.unavailable >= 1 and dead in tier.membership.snapshot()["down"]
+    assert client_gets(fs) >= 1
+    assert tier.metrics.peer_hits == 16 - len(dead_blocks)
+    # The dead peer is now skipped: the next object's blocks all go to the live worker.
+    url2, data2 = put(s3_client, s3_bucket, "obj2.bin", 8 * BS, seed=6)
+    unavailable = tier.metrics.unavailable
+    assert fs.cat_file(url2) == data2
+    assert tier.metrics.unavailable == unavailable and tier.metrics.peer_hits == 16 - len(dead_blocks) + 8
+
+
+def test_worker_main_refuses_to_start_without_a_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("SHOAL_CLUSTER_SECRET_FILE", raising=False)
+    assert worker_main(["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path)]) == 2
+    assert "SHOAL_CLUSTER_SECRET_FILE" in capsys.readouterr().err
+    assert worker_main(["--listen", "nonsense", "--secret-file", str(tmp_path / "none")]) == 2
+
+
+def test_tier_from_env(tmp_path: Path) -> None:
+    assert PeerTier.from_env({}) is None
+    secret = tmp_path / "s"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    tier = PeerTier.from_env({"SHOAL_PEERS": "127.0.0.1:1,127.0.0.1:2", "SHOAL_CLUSTER_SECRET_FILE": str(secret),
+                              "SHOAL_TRANSPORT": "tcp", "SHOAL_PEER_TIMEOUT": "0.5"})
+    assert tier is not None
+    try:
+        assert [str(p) for p in tier.membership.peers] == ["127.0.0.1:1", "127.0.0.1:2"]
+        assert tier.config.timeout == 0.5 and tier.transport.name == "tcp"
+    finally:
+        tier.close()
+
+
+def test_owner_serves_its_cache_files_zero_copy_and_corruption_is_caught(tmp_path: Path) -> None:
+    from shoal.cache import BlockCache
+    from shoal.transport import BlockRequest, BlockServer, CacheProvider, Outcome
+
+    cache = BlockCache(CacheConfig(directory=tmp_path / "cache", block_size=BS))
+    data = random.Random(9).randbytes(BS)
+    cache.put("obj:0", data)
+    provider = CacheProvider(cache)
+    server = BlockServer(provider, SECRET)
+    address = server.start()
+    client = TcpTransport(SECRET)
+    try:
+        buffer = memoryview(bytearray(BS))
+        assert client.fetch(address, [BlockRequest("obj:0", "t", BS)], [buffer], timeout=5) == [Outcome.FILLED]
+        assert bytes(buffer) == data
+        assert provider.counters.snapshot()["sendfile_hits"] == 1
+        deadline = time.monotonic() + 5  # counted once sendfile returns, maybe after the client has it all
+        while server.metrics.sendfile_bytes < BS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.metrics.sendfile_bytes == BS
+        # Flip one byte of the block in its cache file: the owner sends it as is (it does
+        # not read the data), the requester's check against the stored checksums fails.
+        [path] = [p for p in (tmp_path / "cache").rglob("*.val")]
+        raw = bytearray(path.read_bytes())
+        raw[12345] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        buffer = memoryview(bytearray(BS))
+        assert client.fetch(address, [BlockRequest("obj:0", "t", BS)], [buffer], timeout=5) == [Outcome.CORRUPT]
+    finally:
+        client.close()
+        server.close()
+        cache.close()
+
+
+def test_owner_never_fills_from_local_files(tmp_path: Path) -> None:
+    from shoal.cache import BlockCache
+    from shoal.transport import BlockRequest, Origin
+    from shoal.transport.protocol import Status
+    from shoal.transport.worker import StoreFiller
+
+    secret_file = tmp_path / "passwd"
+    secret_file.write_bytes(b"root:x:0:0\n" * 1000)
+    config = CacheConfig(directory=tmp_path / "cache", block_size=BS)
+    cache = BlockCache(config)
+    filler = StoreFiller(cache, config, StoreConfig(), max_block=16 << 20)
+    try:
+        origin = Origin(store_id="file", url=str(secret_file), size=11000, block_size=BS, index=0, mtime=1.0)
+        served = filler(BlockRequest("whatever:0", "m:1.0", 11000, origin))
+        assert served is not None and served.status is Status.NOT_FOUND and served.data is None
+        origin = Origin(store_id="file", url=f"file://{secret_file}", size=11000, block_size=BS, index=0)
+        assert filler(BlockRequest("whatever:0", "m:None", 11000, origin)).status is Status.NOT_FOUND
+    finally:
+        filler.close()
+        cache.close()

@@ -1,0 +1,239 @@
+"""The peer cache tier: local miss -> the block's owner peer -> the object store.
+
+A :class:`PeerTier` plugs into :class:`shoal.cache.reader.BlockReader` as its
+``peers`` source.  For the blocks a read misses locally it asks each block's
+owner (rendezvous hashing over the live peers, :mod:`.membership`), sending
+the block's :class:`~.base.Origin` so that an owner that misses too reads the
+store itself, fills its own cache and answers: the store is read once per
+block for the whole cluster, and later readers on any node get it from the
+owner.  Whatever the peers cannot deliver (not found, stale, busy, corrupt,
+unavailable, timed out) the reader fetches from the store as before.
+
+Guarantees: a peer problem is a miss, never a failed read and never wrong
+bytes (the version token and exact length travel with every request and
+the data is checksummed end to end); a dead or slow peer costs at most one
+``timeout`` and is then skipped for ``down_for`` seconds.  Blocks this node
+owns itself are not requested over the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from .base import (
+    BlockRequest, BlockTransport, LatencyHistogram, Origin, Outcome, PeerAddress, load_secret, transport_mode,
+)
+from .membership import Membership
+from .tcp import ClientConfig, TcpTransport
+
+if TYPE_CHECKING:  # the cache layer sits above transport: types only
+    from shoal.cache.source import ObjectSource, ObjectVersion
+
+__all__ = ["PeerTier", "PeerConfig", "PeerMetrics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConfig:
+    """Settings of the peer tier (see :meth:`from_env` for the environment names)."""
+
+    peers: tuple[str, ...] = ()
+    #: This node's own address in ``peers`` when it is a worker (its keys are not fetched remotely).
+    self_address: str | None = None
+    #: Longest wait for one owner's answer, an owner miss filled from the store included.
+    timeout: float = 5.0
+    connect_timeout: float = 0.5
+    #: How long a failed peer is skipped.
+    down_for: float = 10.0
+    connections_per_peer: int = 2
+    #: ``auto`` | ``tcp`` | ``rdma`` (``SHOAL_TRANSPORT``).
+    mode: str = "auto"
+    #: Ask owners to fill their cache from the store on a miss.
+    fill: bool = True
+    max_block: int = 16 << 20
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "PeerConfig":
+        """``SHOAL_PEERS`` (``host:port,host:port``), ``SHOAL_PEER_TIMEOUT`` (seconds),
+        ``SHOAL_TRANSPORT``; explicit ``overrides`` win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if env.get("SHOAL_PEERS"):
+            values["peers"] = tuple(str(p) for p in PeerAddress.parse_list(env["SHOAL_PEERS"]))
+        if env.get("SHOAL_PEER_TIMEOUT"):
+            values["timeout"] = float(env["SHOAL_PEER_TIMEOUT"])
+        values["mode"] = transport_mode(None, env)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("peers"), str):
+            values["peers"] = tuple(str(p) for p in PeerAddress.parse_list(values["peers"]))
+        return cls(**values)
+
+
+@dataclass
+class PeerMetrics:
+    """Counters of the peer tier (the local and store tiers count in the cache's metrics)."""
+
+    peer_hits: int = 0
+    peer_bytes: int = 0
+    peer_misses: int = 0
+    stale: int = 0
+    corrupt: int = 0
+    busy: int = 0
+    unavailable: int = 0
+    timeouts: int = 0
+    self_owned: int = 0
+    no_live_peer: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            data = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "latency"}
+        data["latency"] = self.latency.snapshot()
+        return data
+
+
+_SHARED_SCHEMES = ("s3://", "s3a://")
+
+_OUTCOME_COUNTER = {
+    Outcome.NOT_FOUND: "peer_misses", Outcome.STALE: "stale", Outcome.CORRUPT: "corrupt",
+    Outcome.BUSY: "busy", Outcome.UNAVAILABLE: "unavailable", Outcome.TIMEOUT: "timeouts",
+    Outcome.REJECTED: "peer_misses",
+}
+
+
+class PeerTier:
+    """Fetches missing blocks from their owner peers (the reader's ``peers`` seam)."""
+
+    def __init__(self, config: PeerConfig, secret: bytes | None = None, *,
+                 transport: BlockTransport | None = None) -> None:
+        self.config = config
+        self.membership = Membership(config.peers, self_address=config.self_address, down_for=config.down_for)
+        self.metrics = PeerMetrics()
+        self.transport = transport if transport is not None else _make_transport(config, secret or load_secret())
+        self._init_pool()
+        os.register_at_fork(after_in_child=self._init_pool)
+
+    def _init_pool(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-peer-fetch")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "PeerTier | None":
+        """A tier from ``SHOAL_PEERS`` / ``SHOAL_CLUSTER_SECRET_FILE`` / ``SHOAL_TRANSPORT``,
+        or None when no peers are configured."""
+        config = PeerConfig.from_env(env, **overrides)
+        if not config.peers:
+            return None
+        return cls(config, load_secret(None, env))
+
+    # -- the reader's seam ------------------------------------------------------
+
+    def fetch_blocks(self, source: "ObjectSource", version: "ObjectVersion", block_size: int,
+                     wanted: Sequence[tuple[int, str, int]]) -> dict[int, memoryview]:
+        """Blocks ``(index, key, length)`` of ``version`` that owner peers delivered."""
+        if not version.url.startswith(_SHARED_SCHEMES):
+            return {}  # local and in-memory objects are not shared between peers
+        by_owner: dict[PeerAddress, list[tuple[int, str, int]]] = {}
+        for index, key, length in wanted:
+            owner = self.membership.owner(key)
+            if owner is None:
+                self.metrics.add(no_live_peer=1)
+            elif self.membership.is_self(owner):
+                self.metrics.add(self_owned=1)
+            else:
+                by_owner.setdefault(owner, []).append((index, key, length))
+        if not by_owner:
+            return {}
+        found: dict[int, memoryview] = {}
+        if len(by_owner) == 1:
+            (owner, items), = by_owner.items()
+            found.update(self._fetch_from(owner, source, version, block_size, items))
+            return found
+        futures = [self._pool.submit(self._fetch_from, owner, source, version, block_size, items)
+                   for owner, items in by_owner.items()]
+        for future in futures:
+            found.update(future.result())
+        return found
+
+    def _fetch_from(self, owner: PeerAddress, source: "ObjectSource", version: "ObjectVersion", block_size: int,
+                    items: list[tuple[int, str, int]]) -> dict[int, memoryview]:
+        requests = []
+        for index, key, length in items:
+            origin = None
+            if self.config.fill:
+                origin = Origin(store_id=source.store_id, url=version.url, size=version.size, block_size=block_size,
+                                index=index, etag=version.etag, version_id=version.version_id, mtime=version.mtime)
+            requests.append(BlockRequest(key=key, token=version.token, length=length, origin=origin))
+        buffers = [memoryview(bytearray(length)) for _, _, length in items]
+        start = time.monotonic()
+        try:
+            outcomes = self.transport.fetch(owner, requests, buffers, timeout=self.config.timeout)
+        except Exception as exc:  # noqa: BLE001 - a peer problem is a miss, never a failed read
+            logger.warning("fetch from peer %s failed: %s", owner, exc)
+            self.membership.mark_down(owner, type(exc).__name__)
+            self.metrics.add(unavailable=len(items))
+            return {}
+        self.metrics.latency.add(time.monotonic() - start)
+        found: dict[int, memoryview] = {}
+        for (index, _, length), outcome, buffer in zip(items, outcomes, buffers):
+            if outcome is Outcome.FILLED:
+                found[index] = buffer[:length]
+                self.metrics.add(peer_hits=1, peer_bytes=length)
+            else:
+                self.metrics.add(**{_OUTCOME_COUNTER[outcome]: 1})
+        if any(o is Outcome.UNAVAILABLE for o in outcomes):
+            self.membership.mark_down(owner, "unavailable")
+        elif outcomes and all(o is Outcome.TIMEOUT for o in outcomes):
+            self.membership.mark_down(owner, "timed out")
+        elif found:
+            self.membership.mark_up(owner)
+        return found
+
+    # -- stats ------------------------------------------------------------------
+
+    def stats(self, cache_metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Per tier: local hits (from ``cache_metrics``, the reader's), peer hits, store reads;
+        the transport's own counters; the membership."""
+        out: dict[str, Any] = {"peer": self.metrics.snapshot(), "membership": self.membership.snapshot()}
+        transport_metrics = getattr(self.transport, "metrics", None)
+        if transport_metrics is not None:
+            out["transport"] = {"name": getattr(self.transport, "name", "?"), **transport_metrics.snapshot(),
+                                "peers": {str(p): self.transport.peer_transport(p) for p in self.membership.peers}}
+        if cache_metrics is not None:
+            out["local"] = {"hits": cache_metrics.get("hits", 0), "bytes": cache_metrics.get("bytes_from_cache", 0)}
+            out["store"] = {"requests": cache_metrics.get("store_requests", 0),
+                            "bytes": cache_metrics.get("bytes_from_store", 0)}
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.transport.close()
+
+
+def _make_transport(config: PeerConfig, secret: bytes) -> BlockTransport:
+    """TCP, or RDMA with per-peer TCP fallback, by ``config.mode``."""
+    client = ClientConfig(connections_per_peer=config.connections_per_peer, connect_timeout=config.connect_timeout,
+                          handshake_timeout=max(config.connect_timeout, 1.0), max_block=config.max_block,
+                          node=socket.gethostname())
+    mode = transport_mode(config.mode, {})
+    if mode == "tcp":
+        return TcpTransport(secret, config=client)
+    from .rdma.transport import RdmaTransport
+
+    transport = RdmaTransport(secret, config=client, mode=mode)
+    if transport.rdma_client is None:
+        logger.info("no RDMA device here: the peer tier uses TCP")
+    return transport
