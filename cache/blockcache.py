@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import logging
 import os
 import sqlite3
@@ -507,6 +508,24 @@ class BlockCache:
                 self._flushed[name] = current[name]
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             logger.debug("could not persist cache statistics: %s", exc)
+
+    def get_listing(self, key: str) -> list[dict[str, Any]] | None:
+        """A listing remembered by :meth:`put_listing` (kept apart from the blocks)."""
+        if self._stats is None:
+            return None
+        try:
+            raw = self._stats.get(f"shoal.listing.{key}", default=None, retry=True)
+            return json.loads(raw) if raw else None
+        except (OSError, sqlite3.Error, diskcache.Timeout, ValueError):
+            return None
+
+    def put_listing(self, key: str, entries: list[dict[str, Any]]) -> None:
+        if self._stats is None:
+            return
+        try:
+            self._stats.set(f"shoal.listing.{key}", json.dumps(entries), retry=True)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            logger.debug("could not remember a listing: %s", exc)
 
     def persisted_stats(self) -> dict[str, int]:
         """Counters summed over every process that used this directory."""

@@ -17,6 +17,8 @@ every ``open`` looks the version up afresh.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import functools
 import datetime
 import io
@@ -182,6 +184,34 @@ class ShoalFileSystem(AbstractFileSystem):
             if pinned is not None:
                 return [pinned]
         return [self._pin(v) for v in self.source(protocol).glob(url)]
+
+    # -- remembered listings (speculative planning) ------------------------------
+
+    def _listing_key(self, pattern: str) -> str:
+        protocol, _ = self._split(pattern)
+        identity = f"{self.source(protocol).store_id}\0{self.canonical(pattern)}"
+        return hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
+
+    def remembered_versions(self, pattern: str) -> list[ObjectVersion] | None:
+        """The listing of ``pattern`` stored on the SSD by an earlier query, or None."""
+        if "://" not in pattern or pattern.startswith("file://"):
+            return None
+        entries = self.reader.cache.get_listing(self._listing_key(pattern))
+        if entries is None:
+            return None
+        try:
+            return [ObjectVersion(**entry) for entry in entries]
+        except TypeError:
+            return None
+
+    def remember_versions(self, pattern: str, versions: list[ObjectVersion]) -> None:
+        if "://" in pattern and not pattern.startswith("file://"):
+            self.reader.cache.put_listing(self._listing_key(pattern), [dataclasses.asdict(v) for v in versions])
+
+    def list_versions(self, pattern: str) -> list[ObjectVersion]:
+        """List the store now, without pinning (to check a remembered listing)."""
+        protocol, _ = self._split(pattern)
+        return self.source(protocol).glob(self.canonical(pattern))
 
     # -- fsspec API -------------------------------------------------------------
 

@@ -149,6 +149,10 @@ class Planner:
         self.con.execute("SET enable_external_file_cache=false")
         lock_down(self.con, allowed_paths, fs.protocol)
         self._listing_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-list")
+        #: Use listings remembered on the SSD and check them in the background.
+        self.speculate = False
+        #: Per table of the last plan: (pattern, listing used, future of the fresh listing).
+        self.revalidate: dict[str, tuple[str, list[ObjectVersion], Any]] = {}
 
     # -- step 1: which tables ---------------------------------------------------
 
@@ -171,9 +175,24 @@ class Planner:
 
     def _define_views(self, tables: dict[str, TableDef]) -> dict[str, tuple[list[ObjectVersion], list[str]]]:
         listed: dict[str, tuple[list[ObjectVersion], list[str]]] = {}
+        listings: dict[str, list[ObjectVersion]] = {}
+        to_list = []
+        for name, table in tables.items():
+            remembered = self.fs.remembered_versions(table.pattern) if self.speculate else None
+            if remembered is None:
+                to_list.append(name)
+                continue
+            # Plan and run on the listing an earlier query saw; the store is
+            # listed meanwhile and the session re-runs the query if it changed.
+            listings[name] = [self.fs.pin(v) for v in remembered]
+            self.revalidate[name] = (table.pattern, remembered,
+                                     self._listing_pool.submit(self.fs.list_versions, table.pattern))
         # Listing is one request per table: issue them together (each costs a
         # round trip to the store, ~27 ms on S3).
-        listings = dict(zip(tables, self._listing_pool.map(lambda t: self.fs.versions(t.pattern), tables.values())))
+        fresh = self._listing_pool.map(lambda n: self.fs.versions(tables[n].pattern), to_list)
+        for name, versions in zip(to_list, fresh):
+            listings[name] = versions
+            self.fs.remember_versions(tables[name].pattern, versions)
         for versions in listings.values():
             for version in versions:
                 if version.size > 0 and "://" in version.url and not version.url.startswith("file://"):
@@ -311,6 +330,7 @@ class Planner:
         into per-fragment partial aggregates and a merge (see engine/aggregate.py).
         """
         sql, tables = self.bind_tables(sql)
+        self.revalidate = {}
         listed = self._define_views(tables)
         try:
             needs = self._pushdown(sql, listed)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from shoal.cache import CacheConfig, ShoalFileSystem, StorageError, StoreConfig
+from shoal.cache import CacheConfig, ObjectChangedError, ShoalFileSystem, StorageError, StoreConfig
 
 from .aggregate import PARTIAL_TABLE
 from .catalog import Catalog, TableDef
@@ -145,7 +145,9 @@ class Session:
         self.planner = Planner(self.fs, self.catalog, workers=1 if self.executor.fused else self.workers,
                                allowed_paths=self.allowed_paths)
         self._views: dict[str, str] = {}
-        self._lock = threading.Lock()
+        #: Plan on remembered listings, checked against the store in the background.
+        self.speculative_listing = os.environ.get("SHOAL_SPECULATIVE_LISTING", "1") != "0"
+        self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._finish_con: duckdb.DuckDBPyConnection | None = None
 
@@ -261,27 +263,55 @@ class Session:
             raise translate_duckdb_error(exc, self.fs.take_error()) from exc
 
     def _select(self, query: str, progress: Progress | None) -> QueryResult:
+        """Run a query.  With the SSD cache on, tables are planned on the listing an
+        earlier query remembered while the store is listed in the background; if
+        the store's listing differs (or an object changed under the query), the
+        query runs again on the fresh listing, so results are never stale."""
         with self._lock:
-            self._cancel.clear()
-            self.fs.take_error()
-            profile = QueryProfile(executor=self.executor.name, workers=self.workers)
-            started = time.perf_counter()
+            speculate = self.speculative_listing and self.fs.reader.cache.available
             try:
-                before = self.fs.reader.ledger.snapshot()
-                with self.fs.snapshot():
-                    plan = self._plan(query)
-                    profile.plan = plan
-                    profile.stages["plan"] = time.perf_counter() - started
-                    table = self._execute(plan, profile, progress, before)
-            except KeyboardInterrupt:
-                self._cancel.set()
-                raise QueryCancelled("query cancelled") from None
-            finally:
-                self.planner.drop_views(list(profile.plan.scans) if profile.plan else [])
-                self.fs.reader.cache.flush_stats()
-            profile.rows = table.num_rows
-            profile.stages["total"] = time.perf_counter() - started
-            return QueryResult(table=table, profile=profile)
+                result = self._select_once(query, progress, speculate=speculate)
+            except ObjectChangedError:
+                if not speculate:
+                    raise
+                logger.info("an object changed under a query planned on a remembered listing; re-running")
+                return self._select_once(query, progress, speculate=False)
+            if speculate and self._listing_changed():
+                logger.info("the store's listing changed since it was remembered; re-running the query")
+                return self._select_once(query, progress, speculate=False)
+            return result
+
+    def _listing_changed(self) -> bool:
+        changed = False
+        for pattern, used, future in self.planner.revalidate.values():
+            fresh = future.result()  # a failed listing (bucket gone, access denied) is the query's error
+            self.fs.remember_versions(pattern, fresh)
+            if {v.url: v.token for v in fresh if v.size > 0} != {v.url: v.token for v in used if v.size > 0}:
+                changed = True
+        return changed
+
+    def _select_once(self, query: str, progress: Progress | None, *, speculate: bool) -> QueryResult:
+        self.planner.speculate = speculate
+        self._cancel.clear()
+        self.fs.take_error()
+        profile = QueryProfile(executor=self.executor.name, workers=self.workers)
+        started = time.perf_counter()
+        try:
+            before = self.fs.reader.ledger.snapshot()
+            with self.fs.snapshot():
+                plan = self._plan(query)
+                profile.plan = plan
+                profile.stages["plan"] = time.perf_counter() - started
+                table = self._execute(plan, profile, progress, before)
+        except KeyboardInterrupt:
+            self._cancel.set()
+            raise QueryCancelled("query cancelled") from None
+        finally:
+            self.planner.drop_views(list(profile.plan.scans) if profile.plan else [])
+            self.fs.reader.cache.flush_stats()
+        profile.rows = table.num_rows
+        profile.stages["total"] = time.perf_counter() - started
+        return QueryResult(table=table, profile=profile)
 
     def _execute(self, plan: Any, profile: QueryProfile, progress: Progress | None,
                  before: dict[str, Any]) -> pa.Table:

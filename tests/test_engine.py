@@ -229,3 +229,21 @@ def test_statements_other_than_queries_are_refused(session: Session) -> None:
                       "CREATE TABLE t AS SELECT 1", "INSERT INTO x VALUES (1)", "PRAGMA version"):
         with pytest.raises(QueryError, match="supported"):
             session.sql(statement)
+
+
+def test_remembered_listings_never_hide_new_or_changed_files(s3_endpoint, s3_bucket, s3_client, tmp_path: Path) -> None:
+    """Warm queries plan on the listing remembered on the SSD while the store is listed
+    in the background; when the store changed, the query runs again on the fresh listing."""
+    _put_parquet(s3_client, s3_bucket, "t/a.parquet", pa.table({"x": [1, 2]}))
+    query = f"SELECT count(*) AS n, sum(x) AS s FROM 's3://{s3_bucket}/t/*.parquet'"
+    with _s3_session(s3_endpoint, tmp_path, executor="local") as s:
+        assert s.sql(query).table.to_pylist() == [{"n": 2, "s": 3}]
+    _put_parquet(s3_client, s3_bucket, "t/b.parquet", pa.table({"x": [10]}))
+    with _s3_session(s3_endpoint, tmp_path, executor="local") as s:  # a new process, same SSD cache
+        assert s.sql(query).table.to_pylist() == [{"n": 3, "s": 13}]
+        s3_client.delete_object(Bucket=s3_bucket, Key="t/a.parquet")
+        assert s.sql(query).table.to_pylist() == [{"n": 1, "s": 10}]
+        unchanged = s.sql(query)
+        assert unchanged.table.to_pylist() == [{"n": 1, "s": 10}]
+        # Nothing changed: one plan, and the only request is the background LIST.
+        assert unchanged.profile.store_requests == 0
