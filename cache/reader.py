@@ -10,6 +10,7 @@ Sequential readers get read-ahead (see :meth:`BlockReader.prefetch`).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
@@ -156,6 +157,9 @@ class BlockReader:
         self._inflight: dict[str, Future[bytes | memoryview]] = {}
         # Pieces (byte ranges of blocks) being fetched or not yet on the SSD.
         self._pieces: dict[str, list[tuple[int, int, Future[bytes]]]] = {}
+        # Without an SSD cache: pieces kept in memory, oldest first.
+        self._held: collections.deque[tuple[str, Future[bytes], int]] = collections.deque()
+        self._held_bytes = 0
         self._pending_write_bytes = 0
         self._lock = threading.Lock()
         # One thread per concurrent read-ahead GET (each waits on its fetch): with
@@ -322,7 +326,19 @@ class BlockReader:
             self._pieces.pop(key, None)
 
     def _store_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes]) -> None:
-        """Write a piece to the SSD off the read path; it stays readable from memory until then."""
+        """Write a piece to the SSD off the read path; it stays readable from memory until then.
+
+        Without an SSD cache, pieces stay in memory (bounded by ``memory_size``,
+        oldest dropped first) so that prefetched bytes still reach the reader."""
+        if not self.cache.available:
+            with self._lock:
+                self._held.append((key, future, len(piece)))
+                self._held_bytes += len(piece)
+                while self._held_bytes > self.config.memory_size and self._held:
+                    old_key, old_future, size = self._held.popleft()
+                    self._held_bytes -= size
+                    self._drop_piece(old_key, old_future)
+            return
         data = bytes(piece)
 
         def write() -> None:

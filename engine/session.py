@@ -333,9 +333,10 @@ class Session:
 
     def _execute_fused(self, plan: Any, profile: QueryProfile) -> pa.Table:
         started = time.perf_counter()
-        if self.fs.reader.cache.available:
-            # Blocks wait on the SSD once fetched, so the budget is the cache size.
-            prefetch_plan(self.fs, plan, max_bytes=self.fs.cache_config.size_limit // 2)
+        # Fetched pieces wait on the SSD (or, without a cache, in memory) until read.
+        config = self.fs.cache_config
+        budget = config.size_limit // 2 if self.fs.reader.cache.available else config.memory_size // 2
+        prefetch_plan(self.fs, plan, max_bytes=budget)
         con = self._finish_connection()
         con.execute(f"SET threads={self.workers}").fetchall()
         views = []

@@ -663,3 +663,17 @@ def test_prefetched_ranges_serve_later_reads(tmp_path) -> None:
     assert fs.stats()["store_requests"] == 2
     assert fs.stats()["bytes_from_store"] == 600_000 - 500_000 + 40_000 - 10
     fs.close()
+
+
+def test_prefetched_pieces_are_kept_in_memory_without_a_cache(tmp_path) -> None:
+    mem = fsspec.filesystem("memory")
+    data = os.urandom(300_000)
+    with mem.open("/nocache/obj", "wb") as f:
+        f.write(data)
+    url = "memory:///nocache/obj"
+    fs = ShoalFileSystem(cache=CacheConfig(directory=tmp_path / "c", enabled=False, block_size=64 * 1024),
+                         protocols=("memory",))
+    fs.prefetch(url, [(1000, 200_000)])
+    assert fs.cat_file(url, 5000, 150_000) == data[5000:150_000]
+    assert fs.stats()["store_requests"] == 1
+    fs.close()
