@@ -149,6 +149,10 @@ class S3Source:
             raise translate_store_error(exc, pattern) from exc
         return sorted((_version_from_info("s3", i) for i in infos), key=lambda v: v.url)
 
+    def warm_up(self) -> None:
+        """Create the S3 client now (session, credentials, service model), not on first use."""
+        sync(self.fs.loop, self.fs.set_session)
+
     def _list_matching(self, path: str) -> list[dict[str, Any]]:
         # One recursive listing under the pattern's fixed prefix, filtered here:
         # s3fs's own glob costs several requests (info, exists, per-level ls).

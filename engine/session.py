@@ -144,6 +144,9 @@ class Session:
         self.allowed_paths = allowed_paths_from_env() if allowed_paths is None else tuple(allowed_paths)
         self.planner = Planner(self.fs, self.catalog, workers=1 if self.executor.fused else self.workers,
                                allowed_paths=self.allowed_paths)
+        self._warming: threading.Thread | None = None
+        for table in self.catalog:
+            self._warm_up_store(table.url)
         self._views: dict[str, str] = {}
         #: Plan on remembered listings, checked against the store in the background.
         self.speculative_listing = os.environ.get("SHOAL_SPECULATIVE_LISTING", "1") != "0"
@@ -156,6 +159,26 @@ class Session:
     def register(self, name: str, url: str, *, hive_partitioning: bool | None = None) -> None:
         """Name a table: a URL, glob or prefix of Parquet files."""
         self.catalog.register(TableDef(name=name, url=url, hive_partitioning=hive_partitioning))
+        self._warm_up_store(url)
+
+    def _warm_up_store(self, url: str) -> None:
+        """Create the object-store client in the background: its first use in a
+        process costs ~0.3 s (botocore's models and session), better spent before
+        the first query than inside it."""
+        protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+        if protocol not in ("s3", "s3a") or self._warming is not None:
+            return
+
+        def warm() -> None:
+            try:
+                source = self.fs.source(protocol)
+                if hasattr(source, "warm_up"):
+                    source.warm_up()
+            except Exception as exc:  # noqa: BLE001 - the first query reports real errors
+                logger.debug("store warm-up failed: %s", exc)
+
+        self._warming = threading.Thread(target=warm, name="shoal-warm-up", daemon=True)
+        self._warming.start()
 
     def tables(self) -> list[TableDef]:
         return list(self.catalog)
