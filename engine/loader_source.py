@@ -47,6 +47,7 @@ from .catalog import TableDef
 from .errors import EngineError, NotParquetError, translate_duckdb_error
 from .loader_plan import fingerprint
 from .planner import parquet_source, quote_ident, quote_literal
+from .security import lock_down
 from .sqlinfo import parse_tree
 
 __all__ = ["LoaderError", "LoaderSchemaError", "SourceFile", "Unit", "ResolvedSource", "resolve_source",
@@ -205,8 +206,10 @@ def _list_files(fs: ShoalFileSystem, pattern: str, description: str) -> list[Obj
 
 
 def resolve_files(fs: ShoalFileSystem, url: str, columns: Sequence[str] | None, *,
-                  hive: bool | None = None, description: str | None = None) -> ResolvedSource:
+                  hive: bool | None = None, description: str | None = None,
+                  allowed_paths: Sequence[str] | None = None) -> ResolvedSource:
     """A URL, glob or prefix of Parquet files."""
+    check_allowed(url, allowed_paths)
     pattern = TableDef(name="source", url=url, hive_partitioning=hive).pattern
     files = read_footers(fs, _list_files(fs, pattern, description or url))
     wanted, schema = _checked_schema(files, columns)
@@ -217,11 +220,28 @@ def resolve_files(fs: ShoalFileSystem, url: str, columns: Sequence[str] | None, 
 # -- SQL -------------------------------------------------------------------------------
 
 
-def _connection(fs: ShoalFileSystem) -> duckdb.DuckDBPyConnection:
+def _connection(fs: ShoalFileSystem, allowed_paths: Sequence[str] | None,
+                materialize_dir: Path) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection on Shoal's filesystem, as locked down as the session's own."""
     con = duckdb.connect()
     con.register_filesystem(fs)
     con.execute("SET enable_external_file_cache=false")
+    if allowed_paths is not None:
+        materialize_dir.mkdir(parents=True, exist_ok=True)
+        lock_down(con, (*allowed_paths, str(materialize_dir)), fs.protocol)
     return con
+
+
+def check_allowed(url: str, allowed_paths: Sequence[str] | None) -> None:
+    """With ``allowed_paths`` (see :mod:`shoal.engine.security`), local sources must lie under one of them."""
+    if allowed_paths is None or "://" in url and not url.startswith("file://"):
+        return
+    path = os.path.realpath(url.removeprefix("file://").split("*", 1)[0] or ".")
+    for root in allowed_paths:
+        root = os.path.realpath(root)
+        if path == root or path.startswith(os.path.join(root, "")):
+            return
+    raise LoaderError(f"local path {url!r} is outside the allowed paths (SHOAL_ALLOWED_PATHS / allowed_paths)")
 
 
 def _simple_select(tree: dict[str, Any]) -> tuple[str, list[tuple[str, str]] | None, dict[str, Any] | None] | None:
@@ -266,7 +286,7 @@ def _selected_rows(con: duckdb.DuckDBPyConnection, tree: dict[str, Any], table: 
     source = (f"read_parquet([{', '.join(quote_literal(u) for u in urls)}], hive_partitioning="
               f"{'true' if hive else 'false'}, filename=true, file_row_number=true)")
     con.execute(f"CREATE OR REPLACE TEMP VIEW {quote_ident(table)} AS SELECT * FROM {source}").fetchall()
-    result = con.execute(sql, {"files": urls}).to_arrow_table()
+    result = con.sql(sql, params={"files": urls}).to_arrow_table()
     index = result.column("__f").to_numpy(zero_copy_only=False).astype(np.int64) - 1
     rows = result.column("__r").to_numpy(zero_copy_only=False).astype(np.int64)
     order = np.lexsort((rows, index))
@@ -304,12 +324,21 @@ def _materialize(fs: ShoalFileSystem, con: duckdb.DuckDBPyConnection, plan: Any,
 def resolve_sql(session: Any, sql: str, columns: Sequence[str] | None, *, materialize_dir: Path) -> ResolvedSource:
     """A query: streamed from its table when it only selects columns, else materialized once."""
     fs: ShoalFileSystem = session.fs
-    con = _connection(fs)
+    allowed = getattr(session, "allowed_paths", None)
+    con = _connection(fs, allowed, materialize_dir)
     plan = None
     try:
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise translate_duckdb_error(exc) from exc
+        if len(statements) != 1 or statements[0].type.name != "SELECT":
+            raise LoaderError("a SQL source must be exactly one SELECT statement")
         with fs.snapshot():
+            # Views made with CREATE VIEW in the session become CTEs first, as Session.sql does.
+            expand = getattr(session, "_expand_views", None)
             try:
-                plan = session.planner.plan(sql)
+                plan = session.planner.plan(expand(sql) if expand is not None else sql)
             except duckdb.Error as exc:
                 raise translate_duckdb_error(exc, fs.take_error()) from exc
             for scan in plan.scans.values():
@@ -324,7 +353,8 @@ def resolve_sql(session: Any, sql: str, columns: Sequence[str] | None, *, materi
                 path = _materialize(fs, con, plan, materialize_dir)
             except duckdb.Error as exc:
                 raise translate_duckdb_error(exc, fs.take_error()) from exc
-        resolved = resolve_files(fs, path, columns, hive=False, description=f"query result of {sql.strip()!r}")
+        resolved = resolve_files(fs, path, columns, hive=False, description=f"query result of {sql.strip()!r}",
+                                 allowed_paths=None)
         resolved.kind = "sql-materialized"
         return resolved
     finally:
@@ -376,7 +406,8 @@ def _stream_sql(fs: ShoalFileSystem, con: duckdb.DuckDBPyConnection, sql: str, p
 
 
 def resolve_source(source: str, *, columns: Sequence[str] | None, fs: ShoalFileSystem,
-                   session_factory: Callable[[], Any], materialize_dir: Path) -> ResolvedSource:
+                   session_factory: Callable[[], Any], materialize_dir: Path,
+                   allowed_paths: Sequence[str] | None = None) -> ResolvedSource:
     """Resolve a URL / glob / prefix, a catalog table name, or a SQL query."""
     if not isinstance(source, str) or not source.strip():
         raise LoaderError("source must be a URL, a glob, a table name or a SQL query")
@@ -390,6 +421,7 @@ def resolve_source(source: str, *, columns: Sequence[str] | None, fs: ShoalFileS
         if table is None:
             raise LoaderError(f"unknown table {source!r}: register it in the session, or give a URL or a query")
         return resolve_files(session.fs, table.url, columns, hive=table.hive_partitioning,
-                             description=f"table {table.name} ({table.url})")
-    return resolve_files(fs, source, columns)
+                             description=f"table {table.name} ({table.url})",
+                             allowed_paths=getattr(session, "allowed_paths", None))
+    return resolve_files(fs, source, columns, allowed_paths=allowed_paths)
 

@@ -42,6 +42,7 @@ shoal.engine`` never imports it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -421,7 +422,9 @@ class ShoalDataLoader(DataLoader):
         if given:
             raise TypeError(f"ShoalDataLoader sets {', '.join(sorted(given))} itself (batching, shuffling and "
                             "dropping are the dataset's options)")
-        super().__init__(dataset, batch_size=None, collate_fn=_identity, in_order=True, **kwargs)
+        if "in_order" in inspect.signature(DataLoader.__init__).parameters:  # torch >= 2.6; before, always in order
+            kwargs["in_order"] = True
+        super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
         self._workers_generation: int | None = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
@@ -435,6 +438,7 @@ class ShoalDataLoader(DataLoader):
             self._iterator._shutdown_workers()  # persistent workers hold a stale state
             self._iterator = None
         dataset.loader.begin(self.num_workers, consume=False)
+        dataset.loader.before_fork()
         iterator = super().__iter__()  # workers start here, with the resume state still pending
         self._workers_generation = dataset._generation
         dataset.loader.consume_resume()
