@@ -19,6 +19,7 @@ import sqlite3
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any, BinaryIO, Callable
 
@@ -205,6 +206,11 @@ class _OpenBlock:
 _OPEN_BLOCKS = 128  # block and piece files kept open per cache (file descriptors)
 
 
+def _reset_open_lock(cache: "BlockCache | None") -> None:
+    if cache is not None:
+        cache._open_lock = threading.Lock()
+
+
 class BlockCache:
     """A bounded, checksummed, multi-process key -> block store."""
 
@@ -219,6 +225,10 @@ class BlockCache:
         self._flushed: dict[str, int] = {}
         self._open: collections.OrderedDict[str, _OpenBlock] = collections.OrderedDict()
         self._open_lock = threading.Lock()
+        # A fork while another thread held the lock would leave it held in the
+        # child (DataLoader workers): give the child a fresh one.
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_open_lock(this()))
         # Piece lists of recently used blocks, so a warm read of a piece costs
         # no index lookup (another process's newer pieces show up on a miss).
         self._piece_lists: collections.OrderedDict[str, tuple[tuple[int, int], ...]] = collections.OrderedDict()

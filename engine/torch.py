@@ -243,6 +243,12 @@ class ShoalDataset(IterableDataset):
         lands uniformly anywhere in its window; rows of one row group stay within
         one window (``shuffle_buffer`` consecutive rows of the rank's stream),
         while the windows themselves hold row groups from all over the source.
+        :func:`shoal.engine.loader_plan.shuffle_quality` measures it; on 1M rows in
+        8192-row row groups with the default 16384-row window: mean displacement
+        0.30 of the epoch (uniform shuffle: 0.33), a batch of 256 holds rows of
+        about 3 row groups (uniform: about 110), and two rows adjacent in a file
+        share a batch with probability 1.6% (uniform: 0.03%).  Raise
+        ``shuffle_buffer`` or write smaller row groups to mix more.
         Memory: about two windows per stream.
     remainder:
         What happens to rows that do not fill ``world_size * batch_size``:
