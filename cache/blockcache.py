@@ -121,11 +121,9 @@ class _Corrupt(Exception):
     pass
 
 
-def _read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, int, float]:
-    """Bytes ``[lo, hi)`` of a sealed block read from ``handle``, verified chunk by chunk.
-
-    Returns (bytes, block length, time stored); raises :class:`_Corrupt`.
-    """
+def _read_footer(handle: BinaryIO) -> tuple[int, int, float, tuple[int, ...]]:
+    """Verified footer of a sealed block file: (data length, chunk size, time stored,
+    per-chunk sums); raises :class:`_Corrupt` for a short, truncated or altered file."""
     total = handle.seek(0, io.SEEK_END)
     if total < _FOOTER.size:
         raise _Corrupt("too short")
@@ -138,7 +136,15 @@ def _read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, 
     head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
     if xxhash.xxh3_64_intdigest(sums_raw + head) != footer_sum:
         raise _Corrupt("bad checksum table")
-    sums = struct.unpack(f"<{count}Q", sums_raw)
+    return length, chunk, stored_at, struct.unpack(f"<{count}Q", sums_raw)
+
+
+def _read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, int, float]:
+    """Bytes ``[lo, hi)`` of a sealed block read from ``handle``, verified chunk by chunk.
+
+    Returns (bytes, block length, time stored); raises :class:`_Corrupt`.
+    """
+    length, chunk, stored_at, sums = _read_footer(handle)
     hi = length if hi is None else min(hi, length)
     if hi <= lo:
         return memoryview(b""), length, stored_at
@@ -341,19 +347,8 @@ class BlockCache:
         if handle is None or isinstance(handle, (bytes, bytearray, memoryview)):
             return None
         try:
-            total = handle.seek(0, io.SEEK_END)
-            if total < _FOOTER.size:
-                raise _Corrupt("too short")
-            handle.seek(total - _FOOTER.size)
-            length, chunk, count, stored_at, footer_sum = _FOOTER.unpack(handle.read(_FOOTER.size))
-            if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER.size:
-                raise _Corrupt("bad footer or truncated")
-            handle.seek(length)
-            sums_raw = handle.read(8 * count)
-            head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
-            if xxhash.xxh3_64_intdigest(sums_raw + head) != footer_sum:
-                raise _Corrupt("bad checksum table")
-            return handle, length, chunk, struct.unpack(f"<{count}Q", sums_raw)
+            length, chunk, _, sums = _read_footer(handle)
+            return handle, length, chunk, sums
         except _Corrupt as exc:
             handle.close()
             self.metrics.add(corrupt_blocks=1)
