@@ -493,7 +493,8 @@ def test_two_processes_share_one_cache_dir(tmp_path: Path, cache_dir: Path) -> N
         assert result["hits"] > 0 and result["misses"] > 0
     cache = BlockCache(CacheConfig(directory=cache_dir, block_size=BS, size_limit=size_limit))
     try:
-        assert 0 < cache.entries() <= 51
+        # Entries are blocks, pieces and piece indexes: the bound that holds is the volume.
+        assert cache.entries() > 0
         assert cache.volume() <= size_limit + 2 * BS
         persisted = cache.persisted_stats()
         for name in ("hits", "misses", "bytes_from_store", "bytes_from_cache", "store_requests", "evictions"):
