@@ -631,6 +631,40 @@ class Bench:
                  f"{out['gets']['median']:.0f} GETs")
         return out
 
+    def case_diagnostics(self) -> dict[str, Any]:
+        """Where the cold ceiling comes from: the same reads without the proxy's
+        delays (profile "none") and without the proxy at all."""
+        obj = self.objects["cold"]
+        plain = Proxy(self.endpoint.endpoint_url, "none", self.args.seed)
+        out: dict[str, Any] = {}
+        try:
+            setups = [("direct to SeaweedFS", self.endpoint.endpoint_url, None),
+                      ("proxy, profile none", plain.url, plain),
+                      ("proxy, profile s3-standard", self.proxy.url, self.proxy)]
+            for label, endpoint, proxy in setups:
+                entry: dict[str, Any] = {}
+                for kind, extra in (("parallel", {"concurrency": 16, "range_size": 8 * MiB}),
+                                    ("shoal", {"block_size": self.default_bs, "read_size": 8 * MiB}),
+                                    ("stream", {"bucket": BUCKET, "key": obj["key"], "read_size": MiB})):
+                    runs = []
+                    for r in range(3):
+                        cache_dir = self.workdir / f"cache-diag-{r}"
+                        runs.append(self.run_worker(self._spec(kind, endpoint=endpoint, url=obj["url"],
+                                                               cache_dir=str(cache_dir), bytes_expected=obj["size"],
+                                                               **extra), proxy=proxy))
+                        shutil.rmtree(cache_dir, ignore_errors=True)
+                    block = _stats_block(runs, [obj["size"] / r["total_s"] for r in runs])
+                    if proxy is not None:
+                        block["proxy_cpu_s"] = _mmm([r["proxy_cpu_s"] for r in runs])
+                    entry[kind] = block
+                out[label] = entry
+                self.log(f"diagnostics {label}: parallel {entry['parallel']['MiBps']['median']:.0f}, "
+                         f"shoal {entry['shoal']['MiBps']['median']:.0f}, "
+                         f"stream {entry['stream']['MiBps']['median']:.0f} MiB/s")
+        finally:
+            plain.stop()
+        return out
+
     def case_parquet(self, bs: int | None) -> dict[str, Any]:
         obj, info = self.objects["parquet"], self.parquet_info
         runs = []
@@ -729,6 +763,8 @@ class Bench:
                         warm[bs] = self.case_warm(bs, sizes)
                     results["warm_sweep"] = [warm[bs] for bs in sorted(warm)]
                     results["warm"] = warm[self.default_bs]
+                if "diag" in cases:
+                    results["cold_diagnostics"] = self.case_diagnostics()
                 if "parquet" in cases:
                     results["parquet_sweep"] = ([self.case_parquet(None)]
                                                 + [self.case_parquet(bs) for bs in self.block_sizes])
@@ -874,7 +910,9 @@ def render_markdown(res: dict[str, Any]) -> str:
              f"Python {v['python']}, pyarrow {v['pyarrow']}, duckdb {v['duckdb']}, s3fs {v['s3fs']}, "
              f"SeaweedFS {res['weed_version']}. S3 server: {res['s3_server']}; proxy profile "
              f"`{res['proxy_profile']}` (60 MiB/s per connection, ~27 ms TTFB), seed {res['seed']}. "
-             f"Default block size {dbs} MiB. Git {env['git_commit']}.")
+             f"Default block size {dbs} MiB. Git {env['git_commit']}"
+             + (" plus uncommitted changes in cache/" if env.get("cache_dir_modified") else "")
+             + f" (cache/*.py digest {env.get('cache_sources_sha256', '?')}).")
     busy = [r for r in _all_runs(res) if r >= 0]
     if busy:
         L.append("")
@@ -963,6 +1001,20 @@ def render_markdown(res: dict[str, Any]) -> str:
              f"{_mm(p['read_s'], 2)} s, {p['gets']['median']:.0f} GETs, fetched/needed "
              f"{p['fetched_over_needed']:.2f}.")
     L.append("")
+    diag = res.get("cold_diagnostics")
+    if diag:
+        L.append("**Where the cold ceiling comes from** (same object, 3 runs each, median MiB/s; Shoal with an "
+                 "empty cache; parallel = 16 concurrent 8 MiB GETs, bytes dropped):")
+        L.append("")
+        L.append("| Path | Single stream | Parallel GETs | Shoal | Parallel CPU s (client / proxy / SeaweedFS) |")
+        L.append("|---|---|---|---|---|")
+        for label, e in diag.items():
+            par = e["parallel"]
+            proxy_cpu = f"{par['proxy_cpu_s']['median']:.2f}" if "proxy_cpu_s" in par else "—"
+            L.append(f"| {label} | {_mm(e['stream']['MiBps'])} | {_mm(e['parallel']['MiBps'])} "
+                     f"| {_mm(e['shoal']['MiBps'])} | {par['cpu_timed_s']['median']:.2f} / {proxy_cpu} / "
+                     f"{par['server_cpu_s']['median']:.2f} |")
+        L.append("")
     o = res["proxy_overhead"]
     parts = []
     for key, e in o.items():
@@ -990,7 +1042,7 @@ def write_outputs(res: dict[str, Any], json_path: Path, update_results: bool) ->
     """cache.json, cache.md and (full runs) the "Cache tier" section of RESULTS.md."""
     json_path.write_text(json.dumps(res, indent=2, default=str) + "\n")
     md = render_markdown(res)
-    note = BLOCK_SIZE_NOTE.strip()
+    note = render_notes(res).strip()
     md_path = json_path.with_suffix(".md")
     md_path.write_text(f"# Cache tier benchmark (issue 2)\n\n{md}\n{note}\n")
     print(md)
@@ -1018,7 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="before each measured run wait until the CPUs are at most this busy "
                         "(default 0.25; quick: 1 = never wait)")
     p.add_argument("--quiet-wait", type=float, default=60.0, help="longest wait for --quiet, seconds")
-    p.add_argument("--cases", default="overhead,cold,warm,parquet", help="subset of cases to run (development)")
+    p.add_argument("--cases", help="subset of overhead,cold,warm,diag,parquet (default all; quick: all but "
+                                   "diag, the cold reads without the proxy's delays)")
     p.add_argument("--workdir", help="where the temporary data goes (default: the system temp dir)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/cache.json, quick: cache-quick.json)")
     p.add_argument("--render", metavar="JSON", help="only re-render the Markdown outputs from a results JSON")
@@ -1027,8 +1080,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.render:
         res = json.loads(Path(args.render).read_text())
-        write_outputs(res, Path(args.render), update_results=not res.get("quick"))
+        path = Path(args.render).resolve()
+        write_outputs(res, path, update_results=not res.get("quick") and path == RESULTS_DIR / "cache.json")
         return 0
+    if args.cases is None:
+        args.cases = "overhead,cold,warm,parquet" if args.quick else "overhead,cold,warm,diag,parquet"
     if args.quiet is None:
         args.quiet = 1.0 if args.quick else 0.25
     if args.block_sizes is None:
@@ -1046,7 +1102,95 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(t["pass"] for t in res["targets"].values()) else 1
 
 
-BLOCK_SIZE_NOTE = ""  # set below, after the sweep was read
+def render_notes(res: dict[str, Any]) -> str:
+    """The block-size choice and what limits the targets, with this run's numbers."""
+    dbs = res["default_block_size"] // MiB
+    warm = {w["block_size"] // MiB: w["by_read_size"] for w in res["warm_sweep"]}
+    cold = {c["block_size"] // MiB: c for c in res["cold_sweep"]}
+    pq = {p["block_size"] // MiB: p for p in res["parquet_sweep"] if p["block_size"]}
+    sizes = sorted(warm)
+
+    def row(fn: Any) -> str:
+        return ", ".join(f"{bs} MiB {fn(bs)}" for bs in sizes)
+
+    stream = res["cold_single_stream"]["MiBps"]["median"]
+    ceil = res.get("cold_ceiling", {}).get("8MiB")
+    diag = res.get("cold_diagnostics", {})
+    L = [f"### Block size: {dbs} MiB (`DEFAULT_BLOCK_SIZE` in cache/config.py; it was 4 MiB)", ""]
+    warm_ratio = {b: f"{warm[b]['8MiB']['ratio']:.2f}" for b in sizes}
+    cold_cell = {b: f"{cold[b]['shoal']['MiBps']['median']:.0f} ({cold[b]['gets']['median']:.0f})" for b in sizes}
+    L.append(f"- **Warm, 8 MiB reads** (Shoal / local file): {row(lambda b: warm_ratio[b])}. "
+             "A read that lies inside one block is a single `pread` into the bytes returned (no copy after it); "
+             "with blocks smaller than the read, every read reads and then joins several parts.")
+    L.append(f"- **Cold** (MiB/s, GETs): {row(lambda b: cold_cell[b])}. "
+             "At ~27 ms to first byte and 60 MiB/s a GET of 1 MiB spends ~60% of its time waiting, of 8 MiB "
+             "~17%; small blocks need many more requests in flight (and more per-request CPU in client, "
+             "proxy and server) for the same throughput.")
+    if pq:
+        pq_cell = {b: f"{pq[b]['fetched_over_needed']:.2f}" for b in sizes if b in pq}
+        L.append(f"- **Projection** (2 of {res['parquet_file']['columns_total']} columns, cold): fetched/needed "
+                 f"{', '.join(f'{b} MiB {v}' for b, v in pq_cell.items())}: "
+                 "scattered reads fetch exact pieces of blocks, so the block size no longer decides "
+                 "projection over-fetch (with whole blocks, 1 MiB blocks fetched ~6x and 4 MiB and larger "
+                 "the whole file). Its time is one GET after another (pyarrow's reads through the fsspec "
+                 "adapter are serial), unlike pyarrow's own S3 client, which issues them concurrently.")
+    if 16 in warm and dbs in warm and 16 in cold and dbs != 16:
+        w16, wd = warm[16]["8MiB"], warm[dbs]["8MiB"]
+        c16, cd = cold[16]["shoal"]["MiBps"], cold[dbs]["shoal"]["MiBps"]
+        L.append(f"- Against 16 MiB: warm {w16['ratio']:.2f}× vs {wd['ratio']:.2f}×, cold "
+                 f"{_mm(c16)} vs {_mm(cd)} MiB/s — within the run-to-run spread, while half as many blocks "
+                 "fit the 256 MiB memory tier (read-ahead may keep only 8 in flight) and eviction and "
+                 "whole-block fetches get coarser. 8 MiB is also what AWS recommends for ranged GETs (8–16 MB).")
+    L.append("")
+    L.append("### What limits the targets on this machine")
+    L.append("")
+    w8 = res["warm"]["by_read_size"]["8MiB"]
+    L.append(f"- **Warm** ({res['targets']['warm_over_local']['value']:.2f}× with 8 MiB reads, "
+             f"{res['targets']['warm_over_local_1MiB_reads']['value']:.2f}× with 1 MiB): both sides copy the "
+             "bytes out of the page cache once; Shoal in addition verifies every 64 KiB chunk (xxh3, ~22 GB/s: "
+             "~0.05 s per GiB, a third of the local read's time when the page cache delivers ~7 GB/s) and "
+             "pays ~50–100 µs of Python per read (index lookup or open-file cache, footer, bookkeeping). "
+             f"Median CPU per run: Shoal {w8['shoal']['cpu_timed_s']['median']:.2f} s (open to close), local "
+             f"{w8['local']['cpu_timed_s']['median']:.2f} s. The ratio therefore moves with how fast the local "
+             "read is: other jobs on this 2-vCPU VM slow the plain copy more than Shoal's fixed costs.")
+    if ceil:
+        L.append(f"- **Cold** ({res['targets']['cold_over_single_stream']['value']:.2f}× the single stream of "
+                 f"{stream:.0f} MiB/s): the 5× target needs ~{5 * stream:.0f} MiB/s. The ceiling row, 16 "
+                 f"concurrent GETs whose bytes are dropped, reaches {ceil['MiBps']['median']:.0f} MiB/s "
+                 f"({ceil['ratio_vs_stream']:.1f}×): client, proxy (Python, pacing 16 connections) and SeaweedFS "
+                 "share two vCPUs (CPU seconds per run in the table), so this machine, not Shoal's concurrency, "
+                 "sets the ceiling. Shoal does more "
+                 "than the ceiling client (keeps, verifies, writes and returns every block) and reaches "
+                 f"{ceil['ratio_pairs_shoal_over_ceiling']['median']:.0%} of it.")
+    if diag:
+        parts = [f"{label}: parallel {e['parallel']['MiBps']['median']:.0f}, Shoal {e['shoal']['MiBps']['median']:.0f}"
+                 for label, e in diag.items()]
+        L.append("  Without the proxy's delays the same client moves (MiB/s) " + "; ".join(parts) + ".")
+    L.append("")
+    L.append("### Changes made in cache/ for these numbers")
+    L.append("")
+    L.extend([
+        "1. Read-ahead (reader.py, filesystem.py): one pool thread per concurrent GET (was 2 threads, so at most "
+        "~2 GETs in flight: 35–56 MiB/s cold, no faster than the single stream), the window split into "
+        "GET-sized tasks of at least 4 MiB, and a window that starts at `readahead_blocks` and doubles per "
+        "sequential read up to `max_concurrency` GETs (bounded by half the memory tier).",
+        "2. source.py: botocore's connection pool raised from 10 to `max_concurrency` (16).",
+        "3. Warm read-ahead leaves blocks that are already on the SSD there (checked in the reader's thread; "
+        "no pool threads start): loading them into the memory tier from pool threads cost a fresh process "
+        "~500k page faults per GiB (new memory costs ~4 µs per 4 KiB page in this VM). Warm 8 MiB reads went "
+        "from ~1 GB/s to ~3–4 GB/s.",
+        "4. blockcache.py: block files stay open (LRU) with their footer verified once; reads are `os.pread` "
+        "of exactly the covered chunks, data before the checksum table (small allocations between a reader's "
+        "big ones made glibc hand out fresh pages); a read that is a whole block returns the bytes read, "
+        "without a copy.",
+        "5. blockcache.py: a block is written to the SSD from its buffer plus a separate trailer "
+        "(`diskcache.set(read=True)`), not from a sealed copy.",
+        "6. Default block size 8 MiB (above).",
+        "",
+        "Tried and dropped: glibc malloc tuning (`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_`) cut page "
+        "faults further but is process-wide, not a library's call.",
+    ])
+    return "\n".join(L) + "\n"
 
 
 if __name__ == "__main__":
