@@ -3,7 +3,7 @@
 
 One machine cannot show scale-out speed-up, so this reports what it can::
 
-    .venv/bin/python benchmarks/bench_ray.py                 # all three parts
+    .venv/bin/python benchmarks/bench_ray.py                 # all four parts
     .venv/bin/python benchmarks/bench_ray.py --parts scaleout --quick
 
 1. **overhead**: TPC-H (SF 1 by default, local Parquet files, warm: one
@@ -15,13 +15,18 @@ One machine cannot show scale-out speed-up, so this reports what it can::
 2. **affinity**: all 22 queries three times on a 3-actor local Ray cluster
    against a loopback SeaweedFS (``tests/s3servers.py``), workers' memory
    tier dropped between runs so hits are SSD hits; cache hit ratio of each
-   run and cluster-wide bytes fetched from the store per distinct byte, with
-   cache-affinity scheduling and with a random worker per fragment.
+   run, bytes the actors got from each other's caches (the peer tier), and
+   cluster-wide bytes fetched from the store (owners' fills included) per
+   distinct byte, with cache-affinity scheduling and with a random worker per
+   fragment, each with the peer tier and without it (``peers=False``).
 3. **scaleout** (simulated, no Ray): the planner's fragments of the 22
    queries at 2..64 workers, placed by the executor's own assignment
    (:func:`shoal.engine.ray_affinity.assign`); load balance, bytes moved when
    one worker joins, and store reads per block over three runs of the query
    set (each worker caches what it read), with affinity and without.
+4. **spill**: the 22 queries (SF ``--affinity-sf``, SeaweedFS, 2 actors,
+   warm) with every scan result spilled to the store as Parquet
+   (``spill_threshold=0``) against none spilled: the price of spilling.
 
 Results: ``benchmarks/results/ray.json`` and ``ray.md``; with
 ``--update-results`` also the "Ray (issue 7)" section of ``benchmarks/RESULTS.md``
@@ -156,8 +161,7 @@ def affinity(sf: float, *, workers: int, runs: int) -> dict[str, Any]:
                 session.register(table, f"s3://tpch/tpch/{table}/*.parquet")
             distinct = sum(session.sql(sql).profile.bytes_from_store for sql in queries().values())
         out["distinct_store_bytes"] = distinct
-        variants = {"affinity": {}, "owners-only": {"locality_wait_s": None}, "random": {"affinity": False}}
-        for mode, options in variants.items():
+        for mode, options in AFFINITY_VARIANTS.items():
             EXECUTORS["ray"] = functools.partial(RayExecutor, **options)
             cache = CacheConfig(directory=tmp / f"cache-{mode}")
             rows = []
@@ -172,18 +176,94 @@ def affinity(sf: float, *, workers: int, runs: int) -> dict[str, Any]:
                         session.sql(sql)
                     seconds = time.perf_counter() - t0
                     after = session.executor.worker_stats()
-                    fetched = sum(a["bytes_from_store"] - before[m]["bytes_from_store"] for m, a in after.items())
-                    cached = sum(a["bytes_from_cache"] + a["bytes_from_memory"]
-                                 - before[m]["bytes_from_cache"] - before[m]["bytes_from_memory"]
-                                 for m, a in after.items())
+                    def delta(*keys: str) -> int:
+                        return sum(a.get(k, 0) - before[m].get(k, 0) for m, a in after.items() for k in keys)
+
+                    # The store bytes of the cluster: the actors' own reads and their fills for peers.
+                    fetched = delta("bytes_from_store", "fill_bytes_from_store")
+                    own = delta("bytes_from_store")
+                    peers = delta("bytes_from_peers")
+                    cached = delta("bytes_from_cache", "bytes_from_memory")
+                    read = own + peers + cached
                     rows.append({"run": run + 1, "bytes_from_store": fetched, "bytes_from_cache": cached,
-                                 "hit_ratio": cached / (fetched + cached) if fetched + cached else 0.0,
+                                 "bytes_from_peers": peers, "hit_ratio": cached / read if read else 0.0,
                                  "seconds": seconds})
                     log(f"affinity {mode:8s} run {run + 1}: hit ratio {rows[-1]['hit_ratio']:.3f}, "
-                        f"{fetched / MiB:.1f} MiB from store")
+                        f"{fetched / MiB:.1f} MiB from store, {peers / MiB:.1f} MiB from peers")
                 volume = sum(s["cache_volume"] for s in session.executor.worker_stats().values())
             out[mode] = {"runs": rows, "cache_volume_bytes": volume,
                          "store_bytes_per_distinct_byte": sum(r["bytes_from_store"] for r in rows) / distinct}
+        ray.shutdown()
+    finally:
+        stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# -- 4. spilling ------------------------------------------------------------------------
+
+
+def spill(sf: float, *, workers: int, reps: int) -> dict[str, Any]:
+    """Each query warm, in memory and with every result spilled, alternately; best of ``reps``."""
+    import ray
+    import s3servers
+
+    data = generate(sf)
+    tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-ray-spill-"))
+    endpoint, stop = s3servers.start_seaweedfs(tmp / "weed")
+    out: dict[str, Any] = {"sf": sf, "workers": workers, "reps": reps}
+    try:
+        client = endpoint.boto3_client()
+        client.create_bucket(Bucket="tpch")
+        upload(client, "tpch", data)
+        store = StoreConfig(endpoint_url=endpoint.endpoint_url, access_key=endpoint.access_key,
+                            secret_key=endpoint.secret_key, region=endpoint.region)
+        reference = answers.connect_reference(data)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from shoal.engine import EXECUTORS
+        from shoal.engine.ray_executor import RayExecutor
+
+        sessions = {}
+        for mode, threshold in (("memory", 256 * MiB), ("spilled", 0)):
+            EXECUTORS["ray"] = functools.partial(RayExecutor, spill_threshold=threshold)
+            session = Session(executor="ray", workers=workers, cache=CacheConfig(directory=tmp / f"cache-{mode}"),
+                              store=store)
+            for table in TPCH_TABLES:
+                session.register(table, f"s3://tpch/tpch/{table}/*.parquet")
+            sessions[mode] = session
+        expected = {name: answers.reference_results(data, sql, reference) for name, sql in queries().items()}
+        best: dict[str, dict[str, float]] = {m: {} for m in sessions}
+        correct = True
+        executor = sessions["spilled"].executor
+        before: dict[str, Any] = {}
+        for rep in range(reps + 1):  # round 0 warms the caches
+            if rep == 1:
+                before = {"results": executor.spilled_results, "stats": executor.worker_stats()}
+            for name, sql in queries().items():
+                for mode, session in sessions.items():
+                    t0 = time.perf_counter()
+                    result = session.sql(sql)
+                    seconds = time.perf_counter() - t0
+                    rows = [tuple(r.values()) for r in result.table.to_pylist()]
+                    correct &= not answers.rows_difference(rows, expected[name])
+                    if rep:
+                        best[mode][name] = min(best[mode].get(name, math.inf), seconds)
+        stats = executor.worker_stats()
+
+        def per_round(key: str) -> int:
+            return sum(s[key] - before["stats"][m][key] for m, s in stats.items()) // reps
+
+        out.update(
+            total_s={m: sum(v.values()) for m, v in best.items()},
+            geomean_spilled_over_memory=_geomean([best["spilled"][q] / best["memory"][q] for q in best["memory"]]),
+            spilled_results=(executor.spilled_results - before["results"]) // reps,
+            spilled_parquet_bytes=per_round("spilled_bytes"), spilled_arrow_bytes=per_round("spilled_arrow_bytes"),
+            all_correct=correct, queries={q: {m: best[m][q] for m in best} for q in best["memory"]},
+        )
+        for session in sessions.values():
+            session.close()
+        listing = client.list_objects_v2(Bucket="tpch", Prefix=".shoal-spill/")
+        out["objects_left"] = listing.get("KeyCount", 0)
         ray.shutdown()
     finally:
         stop()
@@ -320,7 +400,11 @@ def _simulate(per_query: list[list[Any]], footprints: dict[tuple[Any, ...], set[
 #: taking queued fragments (the executor's default); bounded: static bounded
 #: loads; random: no affinity; peer: steal, with the peer block tier of issue 5.
 MODES = ("owners", "steal", "bounded", "random", "peer")
-AFFINITY_MODES = ("affinity", "owners-only", "random")
+AFFINITY_VARIANTS: dict[str, dict[str, Any]] = {
+    "affinity": {}, "owners-only": {"locality_wait_s": None}, "random": {"affinity": False},
+    "affinity, no peers": {"peers": False}, "random, no peers": {"affinity": False, "peers": False},
+}
+AFFINITY_MODES = tuple(AFFINITY_VARIANTS)
 
 
 def scaleout(data: Path, *, sizes: list[int], block_size: int, runs: int) -> dict[str, Any]:
@@ -384,21 +468,33 @@ def render(res: dict[str, Any]) -> str:
         lines.append("")
     if "affinity" in res:
         a = res["affinity"]
+        modes = [m for m in AFFINITY_MODES if m in a]
         lines += [f"### Cache hit ratio with and without affinity (SF {a['sf']}, {a['workers']} actors, "
                   f"SeaweedFS, memory tier dropped between runs)", "",
-                  "| scheduling | run | hit ratio | MiB from store | seconds |", "|---|---:|---:|---:|---:|"]
-        for mode in AFFINITY_MODES:
+                  "| scheduling | run | hit ratio | MiB from store | MiB from peers | seconds |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for mode in modes:
             for r in a[mode]["runs"]:
                 lines.append(f"| {mode} | {r['run']} | {r['hit_ratio']:.3f} | {r['bytes_from_store'] / MiB:.1f} | "
-                             f"{r['seconds']:.2f} |")
+                             f"{r.get('bytes_from_peers', 0) / MiB:.1f} | {r['seconds']:.2f} |")
         once = sum(r["bytes_from_store"] for r in a["owners-only"]["runs"])
         lines += ["", f"Bytes the workers fetched from the store over all runs, per byte fetched with owners "
                   f"only (every object fetched by its one owner: {once / MiB:.1f} MiB; one process with one "
                   f"cache, planning included, fetches {a['distinct_store_bytes'] / MiB:.1f} MiB): " + ", ".join(
-                      f"{m} {sum(r['bytes_from_store'] for r in a[m]['runs']) / once:.2f}" for m in AFFINITY_MODES)
-                  + "; SSD use: " + ", ".join(f"{m} {a[m]['cache_volume_bytes'] / MiB:.0f} MiB" for m in AFFINITY_MODES)
+                      f"{m} {sum(r['bytes_from_store'] for r in a[m]['runs']) / once:.2f}" for m in modes)
+                  + "; SSD use: " + ", ".join(f"{m} {a[m]['cache_volume_bytes'] / MiB:.0f} MiB" for m in modes)
                   + ".  affinity: the default (idle workers take queued fragments after "
-                  "`locality_wait_s` = 0.5 s); owners-only: `locality_wait_s=None`; random: `affinity=False`.", ""]
+                  "`locality_wait_s` = 0.5 s); owners-only: `locality_wait_s=None`; random: `affinity=False`; "
+                  "MiB from store counts owners' fills for peers; \"no peers\": `peers=False`.", ""]
+    if "spill" in res:
+        sp = res["spill"]
+        lines += [f"### Spilling every scan result to the store (SF {sp['sf']}, {sp['workers']} actors, SeaweedFS, "
+                  f"warm, best of {sp['reps']})", "",
+                  f"Sum over the 22 queries: in memory {sp['total_s']['memory']:.2f} s, spilled "
+                  f"{sp['total_s']['spilled']:.2f} s (geometric mean per query **{sp['geomean_spilled_over_memory']:.2f}x**); "
+                  f"{sp['spilled_results']} results spilled per round, {sp['spilled_arrow_bytes'] / MiB:.1f} MiB of "
+                  f"Arrow as {sp['spilled_parquet_bytes'] / MiB:.1f} MiB of Parquet; all answers correct: "
+                  f"{sp['all_correct']}; spill objects left after the runs: {sp['objects_left']}.", ""]
     if "scaleout" in res:
         s = res["scaleout"]
         lines += [f"### Simulated scale-out ({s['data']}, {s['block_size'] // MiB} MiB blocks, "
@@ -466,7 +562,7 @@ def update_results_md(path: Path, body: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="overhead,affinity,scaleout")
+    parser.add_argument("--parts", default="overhead,affinity,scaleout,spill")
     parser.add_argument("--sf", type=float, default=1.0, help="TPC-H scale of the overhead and scale-out parts")
     parser.add_argument("--affinity-sf", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=2, help="workers of the overhead part")
@@ -496,6 +592,8 @@ def main() -> None:
                                    only=[q for q in args.queries.split(",") if q] or None)
     if "affinity" in parts:
         res["affinity"] = affinity(args.affinity_sf, workers=3, runs=3)
+    if "spill" in parts:
+        res["spill"] = spill(args.affinity_sf, workers=2, reps=args.reps)
     if "scaleout" in parts:
         res["scaleout"] = scaleout(data, sizes=[int(n) for n in args.sizes.split(",")],
                                    block_size=CacheConfig().block_size, runs=3)

@@ -11,6 +11,7 @@ processes (DataLoader workers, parallel CLI runs) share one directory safely.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import logging
@@ -21,7 +22,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field, fields
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import diskcache
 import xxhash
@@ -167,13 +168,13 @@ class _OpenBlock:
     unbuffered duplicate of diskcache's handle, closed when the last reference
     goes, never while a reader holds it; a block deleted meanwhile (evicted)
     stays readable, and its bytes, keyed by object version, are still right.
-    Nothing large stays allocated between reads (the checksums of the chunks a
-    read covers are read with it): long-lived buffers in the middle of the
-    heap kept glibc from reusing the memory of earlier reads, and fresh
-    memory costs a page fault per 4 KiB.
+    Nothing large stays allocated between reads (only the verified checksum
+    table, 8 bytes per chunk): long-lived buffers in the middle of the heap
+    kept glibc from reusing the memory of earlier reads, and fresh memory
+    costs a page fault per 4 KiB.
     """
 
-    __slots__ = ("file", "fd", "length", "chunk", "stored_at")
+    __slots__ = ("file", "fd", "length", "chunk", "stored_at", "sums")
 
     def __init__(self, handle: BinaryIO) -> None:
         self.file = open(os.dup(handle.fileno()), "rb", buffering=0)  # noqa: SIM115 - kept open
@@ -186,9 +187,12 @@ class _OpenBlock:
         if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER.size:
             raise _Corrupt("bad footer or truncated")
         head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
-        if xxhash.xxh3_64_intdigest(os.pread(fd, 8 * count, length) + head) != footer_sum:
+        sums = os.pread(fd, 8 * count, length)
+        if xxhash.xxh3_64_intdigest(sums + head) != footer_sum:
             raise _Corrupt("bad checksum table")
-        self.length, self.chunk, self.stored_at = length, chunk, stored_at
+        # The verified table (8 bytes per 64 KiB chunk) stays: reads need not
+        # read it again, and a table changed on disk since cannot vouch for data.
+        self.length, self.chunk, self.stored_at, self.sums = length, chunk, stored_at, sums
 
     def read(self, lo: int, hi: int | None) -> memoryview:
         """Bytes ``[lo, hi)``, verified chunk by chunk (raises :class:`_Corrupt`)."""
@@ -199,22 +203,133 @@ class _OpenBlock:
         first, last = lo // chunk, (hi - 1) // chunk
         base = first * chunk
         want = min((last + 1) * chunk, length) - base
-        sums = struct.unpack(f"<{last + 1 - first}Q", os.pread(self.fd, 8 * (last + 1 - first), length + 8 * first))
+        # The data first: small allocations made between a reader's big ones
+        # split the memory its last read freed, and glibc then takes fresh pages.
         raw = memoryview(os.pread(self.fd, want, base))
         if len(raw) != want:
             raise _Corrupt("truncated")
+        sums = struct.unpack_from(f"<{last + 1 - first}Q", self.sums, 8 * first)
         for n in range(last + 1 - first):
             if xxhash.xxh3_64_intdigest(raw[n * chunk : (n + 1) * chunk]) != sums[n]:
                 raise _Corrupt(f"chunk {first + n} checksum mismatch")
         return raw[lo - base : hi - base]
 
 
-_OPEN_BLOCKS = 128  # block and piece files kept open per cache (file descriptors)
+_OPEN_BLOCKS = 2048  # block and piece files kept open per cache (file descriptors)
+
+
+#: How long a fork waits for threads to leave diskcache before it goes ahead anyway (and warns).
+FORK_WAIT_S = 30.0
+
+
+class _ForkGate:
+    """Keeps ``fork()`` out while any thread of this process is inside diskcache (SQLite).
+
+    A child forked while another thread is inside SQLite inherits SQLite's
+    mutexes (the connection's, the allocator's) held by a thread that does not
+    exist in the child; Python closes that thread's connection as the child
+    starts, and the child waits on them forever (seen: DataLoader workers that
+    never produced a batch).  Threads enter the gate around every diskcache
+    call, many at a time (shared); :meth:`before_fork` (an
+    ``os.register_at_fork`` hook) stops new entries and waits until none is
+    inside, and holds the gate through the fork; the parent then reopens it,
+    and the child starts with a fresh gate.  diskcache itself opens a new
+    SQLite connection in the child (it checks the process id on every call).
+    Entering is re-entrant per thread (a transaction's calls).
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._inside = 0
+        self._forking = False
+        self._local = threading.local()
+
+    def __enter__(self) -> None:
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if not depth:
+            with self._cond:
+                while self._forking:
+                    self._cond.wait()
+                self._inside += 1
+        local.depth = depth + 1
+
+    def __exit__(self, *exc: object) -> None:
+        local = self._local
+        local.depth -= 1
+        if not local.depth:
+            with self._cond:
+                self._inside -= 1
+                if self._forking and not self._inside:
+                    self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        """Wait (at most :data:`FORK_WAIT_S`) until no thread is inside; keep the gate closed."""
+        self._cond.acquire()
+        self._forking = True
+        mine = 1 if getattr(self._local, "depth", 0) else 0  # a fork from inside a call: do not wait on ourselves
+        if not self._cond.wait_for(lambda: self._inside <= mine, timeout=FORK_WAIT_S):
+            logger.warning("forking while %d thread(s) still use the block cache index after %.0f s; "
+                           "the child may hang in SQLite", self._inside - mine, FORK_WAIT_S)
+
+    def after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._cond.notify_all()
+        self._cond.release()
+
+    def after_fork_in_child(self) -> None:
+        depth = getattr(self._local, "depth", 0)  # the forking thread's own calls (if it forked from one)
+        self._reset()  # the parent's other threads (and what they held) do not exist here
+        if depth:
+            self._local.depth, self._inside = depth, 1
+
+
+_FORK_GATE = _ForkGate()
+os.register_at_fork(before=_FORK_GATE.before_fork, after_in_parent=_FORK_GATE.after_fork_in_parent,
+                    after_in_child=_FORK_GATE.after_fork_in_child)
+
+
+class _GatedCache:
+    """A ``diskcache.Cache`` whose every call runs inside :data:`_FORK_GATE`."""
+
+    def __init__(self, directory: str, **settings: Any) -> None:
+        with _FORK_GATE:
+            self._inner = diskcache.Cache(directory, **settings)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            with _FORK_GATE:
+                return attr(*args, **kwargs)
+
+        return gated
+
+    def __contains__(self, key: str) -> bool:
+        with _FORK_GATE:
+            return key in self._inner
+
+    def __len__(self) -> int:
+        with _FORK_GATE:
+            return len(self._inner)
+
+    @contextlib.contextmanager
+    def transact(self, retry: bool = False) -> Iterator[None]:
+        """The whole transaction (and the calls in it) inside the gate."""
+        with _FORK_GATE, self._inner.transact(retry=retry):
+            yield
 
 
 def _reset_open_lock(cache: "BlockCache | None") -> None:
+    """In a forked child: locks another thread of the parent may have held at the fork."""
     if cache is not None:
         cache._open_lock = threading.Lock()
+        cache.metrics._lock = threading.Lock()
 
 
 class BlockCache:
@@ -223,16 +338,16 @@ class BlockCache:
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self.metrics = CacheMetrics()
-        self._cache: diskcache.Cache | None = None
-        self._stats: diskcache.Cache | None = None
+        self._cache: _GatedCache | None = None  # every diskcache call waits out a fork (_ForkGate)
+        self._stats: _GatedCache | None = None
         self._skip_writes = 0
         self._consecutive_failures = 0
         self._warned = False
         self._flushed: dict[str, int] = {}
         self._open: collections.OrderedDict[str, _OpenBlock] = collections.OrderedDict()
         self._open_lock = threading.Lock()
-        # A fork while another thread held the lock would leave it held in the
-        # child (DataLoader workers): give the child a fresh one.
+        # A fork while another thread held a lock would leave it held in the
+        # child (DataLoader workers): give the child fresh ones.
         this = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _reset_open_lock(this()))
         # Piece lists of recently used blocks, so a warm read of a piece costs
@@ -244,7 +359,7 @@ class BlockCache:
             return
         try:
             config.directory.mkdir(parents=True, exist_ok=True)
-            self._cache = diskcache.Cache(
+            self._cache = _GatedCache(
                 str(config.directory),
                 size_limit=config.size_limit,
                 # Culling is done by us (cull_limit=0) so evictions can be counted.
@@ -254,7 +369,7 @@ class BlockCache:
                 timeout=10,
             )
             # Counters live apart from the blocks so that eviction never drops them.
-            self._stats = diskcache.Cache(str(config.directory / "stats"), timeout=10)
+            self._stats = _GatedCache(str(config.directory / "stats"), timeout=10)
         except (OSError, sqlite3.Error) as exc:
             self._cache = None
             self.metrics.add(write_failures=1)
@@ -284,25 +399,13 @@ class BlockCache:
         if self._cache is None:
             return None
         try:
-            with self._open_lock:
-                block = self._open.get(key)
-                if block is not None:
-                    self._open.move_to_end(key)
+            block = self._open_block(key)
             if block is None:
-                handle = self._cache.get(key, default=None, read=True, retry=True)
-                if handle is None:
-                    return None
-                if isinstance(handle, (bytes, bytearray, memoryview)):  # small values live in SQLite
-                    with io.BytesIO(handle) as inline:
-                        data, length, stored_at = _read_range(inline, lo, hi)
-                else:
-                    with handle:
-                        block = _OpenBlock(handle)
-                    with self._open_lock:
-                        self._open[key] = block
-                        while len(self._open) > _OPEN_BLOCKS:
-                            self._open.popitem(last=False)
-            if block is not None:
+                return None
+            if isinstance(block, bytes):  # small values live in SQLite
+                with io.BytesIO(block) as inline:
+                    data, length, stored_at = _read_range(inline, lo, hi)
+            else:
                 data, length, stored_at = block.read(lo, hi), block.length, block.stored_at
         except _Corrupt as exc:
             self._forget(key)
@@ -321,6 +424,36 @@ class BlockCache:
             else:
                 self.promote(key)
         return data
+
+    def _open_block(self, key: str) -> "_OpenBlock | bytes | None":
+        """A block's open file (from the open-file table, else the index), or
+        its bytes when diskcache kept it inline; None on a miss."""
+        with self._open_lock:
+            block = self._open.get(key)
+            if block is not None:
+                self._open.move_to_end(key)
+                return block
+        if self._cache is None:
+            return None
+        handle = self._cache.get(key, default=None, read=True, retry=True)
+        if handle is None or isinstance(handle, bytes):
+            return handle
+        if isinstance(handle, (bytearray, memoryview)):
+            return bytes(handle)
+        with handle:
+            block = _OpenBlock(handle)
+        with self._open_lock:
+            self._open[key] = block
+            while len(self._open) > _OPEN_BLOCKS:
+                self._open.popitem(last=False)
+        return block
+
+    def opened(self, key: str) -> "_OpenBlock | None":
+        """The open, footer-verified file of a block read before, if still open
+        (no index lookup): a sequential reader's next reads of the same block
+        go straight to it.  Its reads verify their chunks and raise on corruption."""
+        with self._open_lock:
+            return self._open.get(key)
 
     def contains(self, key: str) -> bool:
         """Whether a block is stored (an index lookup; the block is not read or verified)."""
@@ -434,6 +567,85 @@ class BlockCache:
         pieces = tuple(sorted(struct.iter_unpack("<II", raw)))
         self._remember_pieces(block_key, pieces)
         return self._read_from_pieces(block_key, pieces, lo, hi)
+
+    def has_pieces(self, block_key: str) -> bool:
+        """Whether any piece of the block is stored (its piece index exists)."""
+        if self._cache is None:
+            return False
+        with self._open_lock:
+            if block_key in self._piece_lists:
+                return True
+        try:
+            return f"{block_key}#p" in self._cache
+        except (OSError, sqlite3.Error, diskcache.Timeout):
+            return False
+
+    def has_piece(self, block_key: str, lo: int, hi: int) -> bool:
+        """Whether stored pieces cover bytes ``[lo, hi)`` of a block, from the
+        piece index alone (no data is read or verified: prefetch planning asks
+        this for every column chunk of a query, and reading them to answer
+        made a warm query's planning cost more than its scan)."""
+        if self._cache is None:
+            return False
+        with self._open_lock:
+            pieces = self._piece_lists.get(block_key)
+        if pieces is None:
+            try:
+                raw = self._cache.get(f"{block_key}#p", default=None, retry=True)
+            except (OSError, sqlite3.Error, diskcache.Timeout):
+                return False
+            if not raw:
+                return False
+            pieces = tuple(sorted(struct.iter_unpack("<II", raw)))
+            self._remember_pieces(block_key, pieces)
+        position = lo
+        for start, end in pieces:  # sorted: one piece, or neighbours, must reach hi
+            if start <= position < end:
+                position = end
+                if position >= hi:
+                    return True
+        return False
+
+    def open_piece(self, block_key: str, lo: int, hi: int
+                   ) -> tuple[BinaryIO, int, int, int, tuple[int, ...]] | None:
+        """For zero-copy serving of bytes ``[lo, hi)`` of a block from one stored
+        piece that covers them (see :meth:`open_block`): the piece's open file, its
+        offset in the block, its data length, checksum chunk size and per-chunk
+        sums; the file holds block bytes ``[offset, offset + length)`` at
+        ``file[0:length]``.  None when no single piece covers the range, the piece
+        is kept inline in the index, or on any failure; the caller closes the file."""
+        if self._cache is None:
+            return None
+        with self._open_lock:
+            known = self._piece_lists.get(block_key)
+        if known is not None:
+            found = self._open_covering(block_key, known, lo, hi)
+            if found is not None:
+                return found
+        try:  # another process may have stored it since
+            raw = self._cache.get(f"{block_key}#p", default=None, retry=True)
+        except (OSError, sqlite3.Error, diskcache.Timeout):
+            return None
+        if not raw:
+            return None
+        pieces = tuple(sorted(struct.iter_unpack("<II", raw)))
+        if pieces == known:
+            return None
+        self._remember_pieces(block_key, pieces)
+        return self._open_covering(block_key, pieces, lo, hi)
+
+    def _open_covering(self, block_key: str, pieces: tuple[tuple[int, int], ...], lo: int, hi: int
+                       ) -> tuple[BinaryIO, int, int, int, tuple[int, ...]] | None:
+        for start, end in pieces:
+            if start <= lo and hi <= end:
+                opened = self.open_block(f"{block_key}@{start}")
+                if opened is None:
+                    continue
+                handle, length, chunk, sums = opened
+                if length == end - start:
+                    return handle, start, length, chunk, sums
+                handle.close()
+        return None
 
     def known_partial(self, block_key: str) -> bool:
         """Whether this process has seen the block stored as pieces (read those first)."""

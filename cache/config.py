@@ -39,21 +39,43 @@ _UNITS = {
     "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
     "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# ASCII digits only (``\d`` would also take other scripts' digits).
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+#: Largest size accepted (what an int64 -- SQLite, os.stat -- can hold).
+MAX_SIZE = (1 << 63) - 1
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_size(value: str | int) -> int:
-    """Parse ``"20GB"``, ``"512MiB"``, ``"4m"`` or a plain byte count."""
+    """Parse ``"20GB"``, ``"512MiB"``, ``"4m"`` or a plain byte count (at most :data:`MAX_SIZE`)."""
+    if isinstance(value, bool):
+        raise StorageConfigError(f"invalid size {value!r}: use a number with an optional unit, e.g. 20GB, 512MiB")
     if isinstance(value, int):
         if value < 0:
             raise StorageConfigError(f"size must not be negative: {value}")
+        if value > MAX_SIZE:
+            raise StorageConfigError(f"size {_shown(value)} is too large")
         return value
     match = _SIZE_RE.match(str(value))
     if not match or match.group(2).lower() not in _UNITS:
         raise StorageConfigError(
-            f"invalid size {value!r}: use a number with an optional unit, e.g. 20GB, 512MiB"
+            f"invalid size {_shown(value)}: use a number with an optional unit, e.g. 20GB, 512MiB"
         )
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    whole, _, fraction = match.group(1).partition(".")
+    if len(whole) > 20:  # above MAX_SIZE whatever the unit
+        raise StorageConfigError(f"size {_shown(value)} is too large")
+    # Exact integer arithmetic (a float would overflow or round "1.1GB").  Digits past
+    # the 50th cannot change the result: a multiple of any unit has at most 40 decimals.
+    fraction = fraction[:50]
+    unit = _UNITS[match.group(2).lower()]
+    size = int(whole) * unit + (int(fraction) * unit // 10 ** len(fraction) if fraction else 0)
+    if size > MAX_SIZE:
+        raise StorageConfigError(f"size {_shown(value)} is too large")
+    return size
 
 
 def default_cache_dir() -> Path:
@@ -85,7 +107,13 @@ class CacheConfig:
     cache_local_files: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "directory", Path(self.directory).expanduser())
+        try:
+            directory = Path(self.directory).expanduser()
+        except RuntimeError as exc:  # "~user" of an unknown user
+            raise StorageConfigError(f"invalid cache directory {str(self.directory)!r}: {exc}") from None
+        if "\x00" in str(directory):
+            raise StorageConfigError(f"invalid cache directory {str(self.directory)!r}: contains a NUL byte")
+        object.__setattr__(self, "directory", directory)
         if self.block_size < 4096 or self.block_size & (self.block_size - 1):
             raise StorageConfigError(
                 f"block_size must be a power of two >= 4096, got {self.block_size}"

@@ -31,7 +31,7 @@ from fsspec import AbstractFileSystem
 
 from .config import CacheConfig, StoreConfig
 from .errors import StorageConfigError, StorageError, translate_store_error
-from .reader import BlockReader
+from .reader import BlockReader, ReadCursor
 from .source import ObjectSource, ObjectVersion, open_source, split_url
 
 __all__ = ["ShoalFileSystem", "ShoalFile"]
@@ -112,6 +112,11 @@ class ShoalFileSystem(AbstractFileSystem):
     def source(self, protocol: str) -> ObjectSource:
         """The object source for a URL scheme (created on first use)."""
         protocol = "s3" if protocol == "s3a" else protocol
+        if protocol not in self.protocol and protocol != "file":
+            # fsspec would open any scheme it knows (ftp://, zip://...): only ours.
+            raise StorageConfigError(
+                f"unsupported URL scheme {protocol}://: use one of "
+                f"{', '.join(p + '://' for p in self.protocol if p != 's3a')} or a local path")
         with self._sources_lock:
             if protocol not in self._sources:
                 self._sources[protocol] = open_source(
@@ -372,6 +377,8 @@ class ShoalFile(io.RawIOBase):
         self._scanning = False
         self._prefetched_to = -1
         self._window = 0
+        self._cursors: list[ReadCursor] = []
+        self._cursors_lock = threading.Lock()
 
     @property
     def loc(self) -> int:
@@ -415,12 +422,32 @@ class ShoalFile(io.RawIOBase):
         try:
             # A sequential reader fetches whole blocks (read-ahead keeps them
             # coming); scattered reads (Parquet column chunks) fetch exact pieces.
-            data = self.fs.reader.read(self.source, self.version, start, end, whole_blocks=self._scanning)
+            data = self.fs.reader.read(self.source, self.version, start, end, whole_blocks=self._scanning,
+                                       cursor=self._cursor() if self._scanning else None)
         except StorageError as exc:
             self.fs.record_error(exc)
             raise
         self.loc = end
+        bs = self.fs.cache_config.block_size
+        if self._scanning and end // bs > start // bs:
+            self.fs.reader.release(self.source, self.version, start // bs, end // bs)
         return data
+
+    def _cursor(self) -> ReadCursor:
+        """This thread's cursor (threads sharing the file read at their own places)."""
+        cursor = getattr(self._position, "cursor", None)
+        if cursor is None:
+            cursor = self._position.cursor = ReadCursor()
+            with self._cursors_lock:
+                self._cursors.append(cursor)
+        return cursor
+
+    def close(self) -> None:
+        with self._cursors_lock:
+            cursors, self._cursors = self._cursors, []
+        for cursor in cursors:
+            self.fs.reader.settle(cursor)
+        super().close()
 
     def readinto(self, buffer: Any) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")

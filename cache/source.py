@@ -6,31 +6,86 @@ have now (:meth:`~ObjectSource.stat`), which objects match a pattern
 version* (:meth:`~ObjectSource.fetch`).  Fetches are pinned: S3 reads carry
 ``If-Match: <etag>`` (or the version id), so an object overwritten mid-query
 raises :class:`~shoal.cache.errors.ObjectChangedError` instead of returning a
-mix of two versions.
+mix of two versions (an object deleted since its version was learnt counts as
+changed: the read was of a version that no longer exists).
+
+Retries are bounded: ``StoreConfig.max_attempts`` attempts per request in all.
+botocore retries a request that fails before its response is returned (503
+SlowDown and other 5xx, resets, first-byte timeouts; for HEAD and LIST also a
+body cut short) with its jittered, capped backoff; a GET whose streamed body
+breaks off (reset or truncated mid-body, stalled past ``read_timeout``) is
+retried here, with the same bound.  s3fs's own retry loop is switched off so
+that the two never multiply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import fsspec
 from fsspec.asyn import sync
 from fsspec.utils import glob_translate
 
 from .config import StoreConfig
-from .errors import ObjectChangedError, StoreError, translate_store_error
+from .errors import (
+    BucketNotFoundError, ObjectChangedError, ObjectNotFoundError, StoreError, translate_store_error,
+)
 
 __all__ = ["ObjectVersion", "ObjectSource", "S3Source", "FsspecSource", "open_source", "split_url"]
 
 logger = logging.getLogger(__name__)
 
 S3_PROTOCOLS = ("s3", "s3a")
+
+T = TypeVar("T")
+
+_THROTTLING = {"SlowDown", "ServiceUnavailable", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+               "TooManyRequestsException", "503"}
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_CAP_S = 2.0
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: exponential, jittered, capped."""
+    return min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def _store_error(exc: BaseException, url: str, attempts: int) -> StoreError:
+    """:func:`translate_store_error`, naming what the store answered where that gives no more than
+    "failed" (s3fs turns e.g. 503 SlowDown into a bare ``OSError``)."""
+    error = translate_store_error(exc, url)
+    if type(error) is not StoreError:
+        return error
+    codes = [link.response.get("Error", {}).get("Code") for link in _chain(exc)
+             if isinstance(getattr(link, "response", None), dict)]
+    code = next((str(c) for c in codes if c), None)
+    if code in _THROTTLING:
+        return StoreError(f"the object store kept refusing requests for {url} ({code}: too many requests) "
+                          f"after {attempts} attempts; try again later or lower the read concurrency")
+    return StoreError(f"object store request for {url} failed: {code or type(exc).__name__}")
+
+
+def _deleted(error: StoreError, url: str) -> StoreError:
+    """A pinned read of an object that is gone: the object changed under the reader."""
+    if isinstance(error, ObjectNotFoundError) and not isinstance(error, BucketNotFoundError):
+        return ObjectChangedError(f"object was deleted while it was being read: {url}")
+    return error
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -114,39 +169,48 @@ class S3Source:
         self.store_id = config.store_id
         # Listings are not cached by s3fs: every query must see current versions.
         options = config.s3fs_options()
+        self.attempts = max(1, config.max_attempts)
         # botocore's pool holds 10 connections by default: more concurrent GETs
-        # would queue for one instead of running.
+        # would queue for one instead of running.  Its "max_attempts" counts
+        # retries; StoreConfig's counts attempts.
         options["config_kwargs"] = {**options.get("config_kwargs", {}),
-                                    "max_pool_connections": max(10, max_concurrency)}
+                                    "max_pool_connections": max(10, max_concurrency),
+                                    "retries": {"total_max_attempts": self.attempts, "mode": "standard"}}
         self.fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **options)
+        # One retry loop per request: botocore's (plus ours for broken bodies), not also s3fs's,
+        # which would multiply the attempts (and the backoff) by five.
+        self.fs.retries = 1
         self.max_concurrency = max_concurrency
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self.requests = 0
         self.bytes_fetched = 0
         self._lock = threading.Lock()
 
-    def stat(self, url: str) -> ObjectVersion:
+    def _metadata(self, url: str, call: Callable[[], T]) -> T:
+        """``call()`` (a HEAD or LIST; botocore retries it), its errors translated."""
         try:
-            info = self.fs.info(split_url(url)[1])
+            return call()
         except Exception as exc:  # noqa: BLE001 - translated at this boundary
-            raise translate_store_error(exc, url) from exc
+            raise _store_error(exc, url, self.attempts) from exc
+
+    def stat(self, url: str) -> ObjectVersion:
+        info = self._metadata(url, lambda: self.fs.info(split_url(url)[1]))
         if info.get("type") == "directory":
             raise translate_store_error(FileNotFoundError(url), url)
         return _version_from_info("s3", info)
 
     def glob(self, pattern: str) -> list[ObjectVersion]:
         path = split_url(pattern)[1]
-        try:
+
+        def listing() -> list[dict[str, Any]]:
             if any(ch in path for ch in "*?["):
-                infos = self._list_matching(path)
-            else:
-                info = self.fs.info(path)
-                if info.get("type") == "directory":
-                    infos = [i for i in self.fs.find(path, detail=True).values()]
-                else:
-                    infos = [info]
-        except Exception as exc:  # noqa: BLE001
-            raise translate_store_error(exc, pattern) from exc
+                return self._list_matching(path)
+            info = self.fs.info(path)
+            if info.get("type") == "directory":
+                return [i for i in self.fs.find(path, detail=True).values()]
+            return [info]
+
+        infos = self._metadata(pattern, listing)
         return sorted((_version_from_info("s3", i) for i in infos), key=lambda v: v.url)
 
     def warm_up(self) -> None:
@@ -172,7 +236,7 @@ class S3Source:
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise translate_store_error(exc, version.url) from exc
+            raise _deleted(_store_error(exc, version.url, self.attempts), version.url) from exc
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop_id = id(self.fs.loop)
@@ -192,25 +256,37 @@ class S3Source:
         )
         if not version.version_id and not version.etag:
             condition = {}
-        async with self._semaphore():
-            try:
-                response = await self.fs._call_s3(
-                    "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **condition
-                )
+        for attempt in range(1, self.attempts + 1):
+            broken: BaseException | None = None
+            async with self._semaphore():
+                try:
+                    response = await self.fs._call_s3(
+                        "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **condition
+                    )
+                except Exception as exc:  # noqa: BLE001 - botocore has retried what is worth retrying
+                    raise _deleted(_store_error(exc, version.url, self.attempts), version.url) from exc
+                etag = response.get("ETag")
+                if version.etag and etag and etag != version.etag and not version.version_id:
+                    response["Body"].close()
+                    # A store that ignores If-Match must still never hand us another version.
+                    raise ObjectChangedError(f"object changed while it was being read: {version.url}")
                 try:
                     data = await response["Body"].read()
+                except Exception as exc:  # noqa: BLE001 - the body broke off: retried below
+                    broken = exc
                 finally:
                     response["Body"].close()
-            except Exception as exc:  # noqa: BLE001
-                raise translate_store_error(exc, version.url) from exc
-        etag = response.get("ETag")
-        if version.etag and etag and etag != version.etag and not version.version_id:
-            # A store that ignores If-Match must still never hand us another version.
-            raise ObjectChangedError(f"object changed while it was being read: {version.url}")
-        if len(data) != end - start:
-            raise StoreError(
-                f"short read from {version.url}: wanted {end - start} bytes at {start}, got {len(data)}"
-            )
+            if broken is None and len(data) == end - start:
+                break
+            if broken is None:
+                broken = StoreError(f"short read from {version.url}: wanted {end - start} bytes at {start}, "
+                                    f"got {len(data)}")
+            if attempt == self.attempts:
+                detail = str(broken) if isinstance(broken, StoreError) else type(broken).__name__
+                raise StoreError(f"the connection to the object store broke while reading {version.url} "
+                                 f"({detail}) after {attempt} attempts") from broken
+            logger.debug("GET %s [%d, %d) broke off (%s); retrying", version.url, start, end, type(broken).__name__)
+            await asyncio.sleep(_backoff(attempt))
         with self._lock:
             self.requests += 1
             self.bytes_fetched += len(data)
@@ -270,8 +346,12 @@ class FsspecSource:
             else:
                 results = list(self._pool.map(one, ranges))
         except Exception as exc:  # noqa: BLE001
-            raise translate_store_error(exc, version.url) from exc
-        if self.stat(version.url).token != version.token:
+            raise _deleted(translate_store_error(exc, version.url), version.url) from exc
+        try:
+            current = self.stat(version.url)
+        except ObjectNotFoundError as exc:
+            raise _deleted(exc, version.url) from exc
+        if current.token != version.token:
             raise ObjectChangedError(f"object changed while it was being read: {version.url}")
         with self._lock:
             self.requests += len(ranges)

@@ -30,6 +30,7 @@ file that contains one is rejected.  :meth:`Config.show` never prints them.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,29 +66,51 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected an integer, got {value!r}")
+    if not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except OverflowError:  # inf
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
 def _positive_int(value: Any) -> int:
-    number = int(value)
-    if isinstance(value, bool) or number < 1:
+    number = _integer(value)
+    if number < 1:
         raise ValueError(f"expected a positive integer, got {value!r}")
     return number
 
 
 def _count(value: Any) -> int:
-    number = int(value)
-    if isinstance(value, bool) or number < 0:
+    number = _integer(value)
+    if number < 0:
         raise ValueError(f"expected a non-negative integer, got {value!r}")
     return number
 
 
 def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number of seconds, got {value!r}")
     number = float(value)
-    if number <= 0:
+    if not math.isfinite(number) or number <= 0:
         raise ValueError(f"expected a positive number of seconds, got {value!r}")
     return number
 
 
+def _text(value: Any) -> str:
+    """A string setting: from the file it must be a TOML string; never a NUL byte."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    if "\x00" in value:
+        raise ValueError("contains a NUL byte")
+    return value
+
+
 def _format(value: Any) -> str:
-    text = str(value).strip().lower()
+    text = _text(value).strip().lower()
     if text not in FORMATS:
         raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
     return text
@@ -114,23 +137,24 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("cache.dir", ("SHOAL_CACHE_DIR",), "cache_dir", str, None, True, "block cache directory"),
+    Setting("cache.dir", ("SHOAL_CACHE_DIR",), "cache_dir", _text, None, True, "block cache directory"),
     Setting("cache.size", ("SHOAL_CACHE_SIZE",), "cache_size", _size, DEFAULT_CACHE_SIZE, help="cache size limit"),
     Setting("cache.block_size", ("SHOAL_CACHE_BLOCK_SIZE",), None, _size, DEFAULT_BLOCK_SIZE),
     Setting("cache.enabled", ("SHOAL_CACHE",), "cache_enabled", _bool, True),
-    Setting("s3.endpoint_url", ("SHOAL_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), "endpoint_url", str),
-    Setting("s3.region", ("SHOAL_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"), "region", str),
-    Setting("s3.profile", ("SHOAL_PROFILE", "AWS_PROFILE"), "profile_name", str),
+    Setting("s3.endpoint_url", ("SHOAL_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), "endpoint_url",
+            _text),
+    Setting("s3.region", ("SHOAL_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"), "region", _text),
+    Setting("s3.profile", ("SHOAL_PROFILE", "AWS_PROFILE"), "profile_name", _text),
     Setting("s3.anonymous", ("SHOAL_S3_ANONYMOUS",), "anonymous", _bool, False),
     Setting("s3.connect_timeout", ("SHOAL_S3_CONNECT_TIMEOUT",), None, _seconds, 5.0),
     Setting("s3.read_timeout", ("SHOAL_S3_READ_TIMEOUT",), None, _seconds, 60.0),
     Setting("s3.max_attempts", ("SHOAL_S3_MAX_ATTEMPTS",), None, _positive_int, 5),
     Setting("sql.workers", ("SHOAL_WORKERS",), "workers", _positive_int, None),
-    Setting("sql.executor", ("SHOAL_EXECUTOR",), None, str, None, help="engine default when unset"),
-    Setting("sql.cluster", ("SHOAL_CLUSTER",), "cluster", str, None,
+    Setting("sql.executor", ("SHOAL_EXECUTOR",), None, _text, None, help="engine default when unset"),
+    Setting("sql.cluster", ("SHOAL_CLUSTER",), "cluster", _text, None,
             help="ray://host:port, host:port or auto: run workers on a Ray cluster"),
     Setting("sql.format", ("SHOAL_FORMAT",), "format", _format, "table"),
-    Setting("sql.catalog", ("SHOAL_CATALOG",), "catalog", str, None, True),
+    Setting("sql.catalog", ("SHOAL_CATALOG",), "catalog", _text, None, True),
     Setting("sql.max_rows", ("SHOAL_MAX_ROWS",), "max_rows", _count, None),
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
@@ -197,10 +221,14 @@ class Config:
             return {}
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except (UnicodeDecodeError, ValueError) as exc:  # not UTF-8; a NUL byte in the path
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
         try:
             data = tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"invalid config file {path}: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"invalid config file {path}: nested too deeply") from None
         self._reject_credentials(data, path, "")
         known = {"cache", "s3", "sql", "tables"}
         for section, body in data.items():
@@ -218,15 +246,18 @@ class Config:
         return data
 
     def _reject_credentials(self, data: Mapping[str, Any], path: Path, prefix: str) -> None:
-        for key, value in data.items():
-            if prefix != "tables." and key.lower() in _CREDENTIAL_KEYS:
-                raise ConfigError(
-                    f"config file {path} contains credentials ({prefix}{key}); remove them and use the "
-                    "AWS credential chain instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                    "~/.aws/credentials, or --profile-name)"
-                )
-            if isinstance(value, dict):
-                self._reject_credentials(value, path, f"{prefix}{key}.")
+        todo = [(data, prefix)]  # a loop, not recursion: [a.a.a...] may nest thousands deep
+        while todo:
+            table, prefix = todo.pop()
+            for key, value in table.items():
+                if prefix != "tables." and key.lower() in _CREDENTIAL_KEYS:
+                    raise ConfigError(
+                        f"config file {path} contains credentials ({prefix}{key}); remove them and use the "
+                        "AWS credential chain instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                        "~/.aws/credentials, or --profile-name)"
+                    )
+                if isinstance(value, dict):
+                    todo.append((value, f"{prefix}{key}."))
 
     def _resolve(self, setting: Setting, flags: Mapping[str, Any]) -> Resolved:
         section, key = setting.key.split(".", 1)
@@ -240,19 +271,18 @@ class Config:
                 break
         file_section = self.file_data.get(section, {})
         if key in file_section:
-            value = file_section[key]
-            if setting.is_path:
-                value = str((self.path.parent / Path(str(value)).expanduser()).resolve())
-            candidates.append((value, f"file {self.path}"))
+            candidates.append((file_section[key], f"file {self.path}"))
         if not candidates:
             return Resolved(setting.default, "default")
         raw, source = candidates[0]
         try:
             value = setting.parse(raw)
-        except (TypeError, ValueError) as exc:
+            if setting.is_path:
+                value = str(Path(value).expanduser())
+                if source.startswith("file "):  # relative to the config file
+                    value = str((self.path.parent / value).resolve())
+        except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # RuntimeError: "~nosuchuser"
             raise ConfigError(f"invalid {setting.key} from {source}: {exc}") from None
-        if setting.is_path:
-            value = str(Path(value).expanduser())
         return Resolved(value, source)
 
     def _resolve_tables(self, table_flags: list[str]) -> list[TableEntry]:

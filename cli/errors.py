@@ -88,4 +88,6 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_RUNTIME, _message(exc)
     if isinstance(exc, OSError):
         return EXIT_RUNTIME, _message(exc)
+    if isinstance(exc, MemoryError):  # raised outside the engine (Arrow, printing): still one line
+        return EXIT_RUNTIME, f"out of memory: {_message(exc) if str(exc) else 'the result does not fit in memory'}"
     return EXIT_RUNTIME, f"unexpected {type(exc).__name__}: {_message(exc)} (run with --debug for details)"

@@ -6,7 +6,11 @@ from .errors import (
     BindError,
     CatalogError,
     EngineError,
+    LoaderError,
+    LoaderSchemaError,
+    LoaderStateError,
     NotParquetError,
+    OutOfMemoryError,
     QueryCancelled,
     QueryError,
     SqlSyntaxError,
@@ -14,18 +18,24 @@ from .errors import (
     WorkerError,
 )
 from .executor import EXECUTORS, Executor, ThreadExecutor, create_executor
+from .loader import BatchLoader
 from .profile import QueryProfile, TableIO
 from .session import QueryResult, Session
 
 __all__ = [
     "AccessNotAllowedError",
+    "BatchLoader",
     "BindError",
     "Catalog",
     "CatalogError",
     "EXECUTORS",
     "EngineError",
     "Executor",
+    "LoaderError",
+    "LoaderSchemaError",
+    "LoaderStateError",
     "NotParquetError",
+    "OutOfMemoryError",
     "QueryCancelled",
     "QueryError",
     "QueryProfile",

@@ -88,8 +88,12 @@ class Catalog:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise CatalogError(f"catalog file not found: {path}") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except OSError as exc:  # a directory, no permission
+            raise CatalogError(f"cannot read catalog file {path}: {exc.strerror or exc}") from exc
+        except (tomllib.TOMLDecodeError, ValueError) as exc:  # incl. UnicodeDecodeError, a NUL in the path
             raise CatalogError(f"invalid catalog file {path}: {exc}") from exc
+        except RecursionError:
+            raise CatalogError(f"invalid catalog file {path}: nested too deeply") from None
         tables = data.get("tables", {})
         if not isinstance(tables, dict):
             raise CatalogError(f"invalid catalog file {path}: [tables] must be a table of tables")

@@ -11,7 +11,11 @@ Hierarchy::
      ├── NotParquetError(ValueError)       a table's file is not Parquet
      ├── AccessNotAllowedError(PermissionError)  SQL reached outside the allowed paths
      ├── QueryCancelled                    interrupted by the user
-     └── WorkerError                       a fragment failed on a worker
+     ├── OutOfMemoryError(MemoryError)     the query or its result does not fit in memory
+     ├── WorkerError                       a fragment failed on a worker
+     └── LoaderError                       a training-data loader cannot run as asked
+          ├── LoaderSchemaError(ValueError)   a column is missing, differs, or cannot become a batch value
+          └── LoaderStateError(ValueError)    a resume state does not fit the loader
 
 Storage problems keep their own types from :mod:`shoal.cache.errors`
 (``StoreError`` and subclasses): a missing bucket is a storage error whether the
@@ -36,8 +40,12 @@ __all__ = [
     "CatalogError",
     "NotParquetError",
     "QueryCancelled",
+    "OutOfMemoryError",
     "AccessNotAllowedError",
     "WorkerError",
+    "LoaderError",
+    "LoaderSchemaError",
+    "LoaderStateError",
     "translate_duckdb_error",
 ]
 
@@ -78,8 +86,24 @@ class QueryCancelled(EngineError):
     """The query was cancelled (Ctrl-C)."""
 
 
+class OutOfMemoryError(EngineError, MemoryError):
+    """The query, or its result, needs more memory than the process may use."""
+
+
 class WorkerError(EngineError):
     """A query fragment failed on a worker."""
+
+
+class LoaderError(EngineError):
+    """Base of the training-data loader's errors (bad arguments, sources, states)."""
+
+
+class LoaderSchemaError(LoaderError, ValueError):
+    """A column is missing, differs between files, or cannot become a batch value."""
+
+
+class LoaderStateError(LoaderError, ValueError):
+    """A state dict does not fit this loader (other data, options or world size)."""
 
 
 _FIRST_LINE = re.compile(r"^(?:[A-Za-z ]+ Error: )?(.*)$", re.S)
@@ -113,6 +137,10 @@ def translate_duckdb_error(exc: BaseException, storage_error: StorageError | Non
         )
     if isinstance(exc, duckdb.InterruptException):
         return QueryCancelled("query cancelled")
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        # DuckDB's advice (SET threads / memory_limit) is not something Shoal SQL can do.
+        return OutOfMemoryError(f"out of memory: {text} (the query or its result does not fit in memory: "
+                                "aggregate, filter or add a LIMIT)")
     if "No magic bytes found" in message or "not a parquet file" in message.lower() or "too small to be a Parquet file" in message:
         return NotParquetError(f"not a Parquet file: {text}")
     if isinstance(exc, (duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException)):

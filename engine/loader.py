@@ -20,6 +20,7 @@ The PyTorch adapter is :mod:`shoal.engine.torch`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -29,9 +30,10 @@ import pyarrow as pa
 
 from shoal.cache import CacheConfig, StoreConfig
 
+from .errors import LoaderError, LoaderSchemaError, LoaderStateError
 from .loader_plan import REMAINDER_POLICIES, EpochPlan, Item, Schedule
-from .loader_source import LoaderError, LoaderSchemaError, ResolvedSource, resolve_source
-from .loader_stream import BatchStream, ProcessFileSystem, UnitReader, empty_batch
+from .loader_source import ResolvedSource, resolve_source
+from .loader_stream import BatchStream, ProcessFileSystem, UnitReader, cut_batch, empty_batch, item_rows, item_units
 from .security import allowed_paths_from_env
 
 __all__ = ["BatchLoader", "LoaderError", "LoaderSchemaError", "LoaderStateError", "UnitReader",
@@ -43,10 +45,6 @@ STATE_FORMAT = "shoal.loader/1"
 #: Default shuffle buffer, in decoded bytes (rows = this / bytes per row, within the bounds below).
 DEFAULT_WINDOW_BYTES = 64 << 20
 DEFAULT_WINDOW_ROWS = (4096, 65536)
-
-
-class LoaderStateError(LoaderError, ValueError):
-    """A state dict does not fit this loader (other data, options or world size)."""
 
 
 def _window_rows(source: ResolvedSource, batch_size: int, shuffle_buffer: int | None) -> int:
@@ -120,13 +118,18 @@ class BatchLoader:
     materialize_dir:
         Where results of general queries are written (default: ``loader-results``
         under the cache directory).
+    preload_first:
+        Read the first window of epoch 0 during construction when that overlaps
+        listing the store (a URL source listed before: the remembered listing is
+        used while the store confirms it), so that the first batch is ready sooner.
     """
 
     def __init__(self, source: str, *, batch_size: int, columns: Sequence[str] | None = None,
                  shuffle: bool = False, seed: int = 0, shuffle_buffer: int | None = None,
                  remainder: str = "partial", rank: int = 0, world_size: int = 1, session: Any = None,
                  cache: CacheConfig | None = None, store: StoreConfig | None = None, prefetch: int = 4,
-                 read_threads: int = 4, materialize_dir: str | Path | None = None) -> None:
+                 read_threads: int = 4, materialize_dir: str | Path | None = None,
+                 preload_first: bool = True) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise LoaderError(f"batch_size must be a positive integer, got {batch_size!r}")
         if remainder not in REMAINDER_POLICIES:
@@ -141,16 +144,30 @@ class BatchLoader:
         fs = self._fs.get()
         directory = Path(materialize_dir) if materialize_dir else fs.cache_config.directory / "loader-results"
         allowed = getattr(session, "allowed_paths", None) if session is not None else allowed_paths_from_env()
-        self.source = resolve_source(source, columns=columns, fs=fs, session_factory=self._session_factory(session),
-                                     materialize_dir=directory, allowed_paths=allowed)
-        self.window = _window_rows(self.source, batch_size, shuffle_buffer)
-        self.reader = UnitReader(self.source, self._fs)
         self._epoch = 0
         self._resume: tuple[int, Schedule] | None = None
         self._active: tuple[int, Schedule] | None = None
         self._delivered = 0
-        self._plans: dict[tuple[int, int, int], EpochPlan] = {}
+        early: list[ResolvedSource] = []
+
+        def while_listing(resolved: ResolvedSource) -> None:
+            # Resolved from a remembered listing while the store is listed: start reading.
+            self._use(resolved, shuffle_buffer)
+            early.append(resolved)
+            if preload_first:
+                self.preload(Schedule.fresh(self.plan().windows(), 1))
+
+        self.source = resolve_source(source, columns=columns, fs=fs, session_factory=self._session_factory(session),
+                                     materialize_dir=directory, allowed_paths=allowed, while_listing=while_listing)
+        if not early or early[-1] is not self.source:  # no remembered listing, or the store's differs
+            self._use(self.source, shuffle_buffer)
         self._fs.flush()  # footers fetched above are written before any DataLoader forks
+
+    def _use(self, source: ResolvedSource, shuffle_buffer: int | None) -> None:
+        self.source = source
+        self.window = _window_rows(source, self.batch_size, shuffle_buffer)
+        self.reader = UnitReader(source, self._fs)
+        self._plans: dict[tuple[int, int, int], EpochPlan] = {}
 
     @staticmethod
     def _check_shard(rank: int, world_size: int) -> None:
@@ -192,6 +209,7 @@ class BatchLoader:
         epoch = int(epoch)
         if epoch != self._epoch:
             self._active = None
+            self.reader.drop_preloaded()  # another epoch's first window
             if self._resume is not None and self._resume[0] != epoch:
                 logger.info("set_epoch(%d) drops the resume state saved in epoch %d", epoch, self._resume[0])
                 self._resume = None
@@ -230,16 +248,65 @@ class BatchLoader:
             schedule = Schedule.fresh(self.plan().windows(), workers)
         return schedule
 
+    def first_units(self, schedule: Schedule, lane: int = 0) -> list[int]:
+        """The units the first item of a lane reads."""
+        items = schedule.lanes[lane] if lane < len(schedule.lanes) else ()
+        return item_units(self.plan(), items[0]) if items else []
+
     def begin(self, workers: int, *, consume: bool = True) -> Schedule:
         """Start tracking an iteration in this process: progress for :meth:`state_dict`."""
         schedule = self.schedule(workers, consume=consume)
         self._active = (self._epoch, schedule)
         self._delivered = 0
+        self.reader.keep_preloaded(self.first_units(schedule))  # only what this iteration reads first
         return schedule
 
     def before_fork(self) -> None:
         """Make this process safe to fork (see :meth:`ProcessFileSystem.quiesce`)."""
         self._fs.quiesce()
+
+    def preload(self, schedule: Schedule) -> None:
+        """Decode the first window of the schedule's first lane now, in this process.
+
+        Done while the store is listed (see ``preload_first``) and before DataLoader
+        workers start: this process then makes the epoch's first batch itself
+        (:meth:`first_batch`) while they start, and the worker that continues the
+        lane inherits the window decoded when it is forked (time to first batch).
+        Forgotten with :meth:`drop_preloaded` once the workers started."""
+        units = self.first_units(schedule)
+        if units:
+            self.reader.preload(units, self.read_threads)
+
+    def drop_preloaded(self) -> None:
+        self.reader.drop_preloaded()
+
+    def first_batch(self, schedule: Schedule) -> pa.RecordBatch | None:
+        """The schedule's first batch (lane 0's), made in this process from the units
+        :meth:`preload` decoded, which stay preloaded; None when there is no batch."""
+        lane = schedule.lanes[0] if schedule.lanes else ()
+        if not lane:
+            return None
+        item, plan = lane[0], self.plan()
+        offset, rows = item_rows(plan, item)
+        parts = [self.reader.peek(p.unit).slice(p.lo, p.hi - p.lo) for p in plan.pieces(item.start + offset, rows)]
+        # One batch's rows are taken from the pieces as they are (no copy of the whole window).
+        window = pa.concat_tables(parts) if parts else self.schema.empty_table()
+        return cut_batch(plan, item, item.b0, window, plan.permutation(item.start, item.rows), self.schema)
+
+    @contextlib.contextmanager
+    def workers_continue(self, schedule: Schedule, delivered: int) -> Iterator[None]:
+        """While worker processes start: they continue ``schedule`` after its first ``delivered``
+        batches (which this process hands out).  Call :meth:`consume_resume` once they started."""
+        if not delivered:
+            yield
+            return
+        saved = self._resume
+        self._resume = (self._epoch, schedule.advance(delivered))
+        try:
+            yield
+        except BaseException:
+            self._resume = saved
+            raise
 
     def consume_resume(self) -> None:
         if self._resume is not None and self._resume[0] == self._epoch:
@@ -378,6 +445,7 @@ class BatchLoader:
             session.executor.close()
             session.planner.close()
         self._made_sessions.clear()
+        self.reader.drop_preloaded()
         self._fs.close()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -26,6 +26,8 @@ Three kinds of source:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -42,9 +44,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoal.cache import ObjectNotFoundError, ObjectVersion, ShoalFile, ShoalFileSystem, StorageError
+from shoal.cache.source import S3_PROTOCOLS, split_url
 
 from .catalog import TableDef
-from .errors import EngineError, NotParquetError, translate_duckdb_error
+from .errors import LoaderError, LoaderSchemaError, NotParquetError, translate_duckdb_error
 from .loader_plan import fingerprint
 from .planner import parquet_source, quote_ident, quote_literal
 from .security import lock_down
@@ -58,14 +61,6 @@ logger = logging.getLogger(__name__)
 _SQL_START = re.compile(r"^\s*\(?\s*(SELECT|WITH|FROM|VALUES|TABLE)\b", re.I)
 #: Rows per row group of a materialized query result.
 MATERIALIZED_ROW_GROUP = 16384
-
-
-class LoaderError(EngineError):
-    """Base of the loader's errors (an :class:`~shoal.engine.EngineError`)."""
-
-
-class LoaderSchemaError(LoaderError, ValueError):
-    """A column is missing, differs between files, or cannot become a batch value."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +118,27 @@ def is_sql(source: str) -> bool:
     return bool(_SQL_START.match(source))
 
 
+class _DeferredS3Source:
+    """``fs.source("s3")``, created on first use beyond its identity.
+
+    Creating it imports s3fs, aiobotocore and aiohttp (~0.3 s); a read served by
+    the cache needs only the store's identity (cache keys), so warm reads (and
+    DataLoader workers on a warm cache) never pay for it, and a loader can read
+    footers and its first window while another thread lists the store."""
+
+    def __init__(self, fs: ShoalFileSystem, protocol: str) -> None:
+        self._fs, self._protocol = fs, protocol
+        self.store_id = fs.store_config.store_id  # what S3Source uses in cache keys
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs.source(self._protocol), name)
+
+
 def open_version(fs: ShoalFileSystem, version: ObjectVersion) -> ShoalFile:
     """A file over a pinned version (no request to learn the version again)."""
     protocol = version.url.split("://", 1)[0] if "://" in version.url else "file"
+    if protocol in S3_PROTOCOLS:
+        return ShoalFile(fs, _DeferredS3Source(fs, protocol), version)  # type: ignore[arg-type]
     return ShoalFile(fs, fs.source(protocol), version)
 
 
@@ -205,16 +218,84 @@ def _list_files(fs: ShoalFileSystem, pattern: str, description: str) -> list[Obj
     return versions
 
 
+def _resolve_listed(fs: ShoalFileSystem, versions: Sequence[ObjectVersion], columns: Sequence[str] | None,
+                    description: str) -> ResolvedSource:
+    files = read_footers(fs, versions)
+    wanted, schema = _checked_schema(files, columns)
+    return ResolvedSource(description=description, kind="files", files=files, units=_units(files),
+                          columns=wanted, names=list(wanted), schema=schema)
+
+
+# -- remembered listings -------------------------------------------------------------
+# A loader on a warm cache would spend most of its start-up creating an S3 client
+# (importing s3fs and aiobotocore) to list files it has listed before.  The listing
+# is remembered on the SSD; the next loader resolves its source from it at once
+# (footers come from the cache) and reads its first window while another thread
+# lists the store.  The store's listing always decides: when it differs, the source
+# is resolved again from it, and nothing read meanwhile is used.
+
+
+def _listing_key(fs: ShoalFileSystem, pattern: str) -> str | None:
+    protocol, _ = split_url(pattern)
+    if protocol not in S3_PROTOCOLS:
+        return None  # local files list in microseconds
+    identity = f"shoal.loader\0{fs.store_config.store_id}\0{fs.canonical(pattern)}"
+    return hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
+
+
+def _remembered(fs: ShoalFileSystem, key: str) -> list[ObjectVersion] | None:
+    entries = fs.reader.cache.get_listing(key)
+    if not entries:
+        return None
+    try:
+        return [ObjectVersion(**entry) for entry in entries]
+    except TypeError:  # written by another version of Shoal
+        return None
+
+
+def _same_listing(a: Sequence[ObjectVersion], b: Sequence[ObjectVersion]) -> bool:
+    return [(v.url, v.token, v.size) for v in a] == [(v.url, v.token, v.size) for v in b]
+
+
 def resolve_files(fs: ShoalFileSystem, url: str, columns: Sequence[str] | None, *,
                   hive: bool | None = None, description: str | None = None,
-                  allowed_paths: Sequence[str] | None = None) -> ResolvedSource:
-    """A URL, glob or prefix of Parquet files."""
+                  allowed_paths: Sequence[str] | None = None,
+                  while_listing: Callable[[ResolvedSource], None] | None = None) -> ResolvedSource:
+    """A URL, glob or prefix of Parquet files, at the versions the store lists now.
+
+    With ``while_listing``, a listing of the same pattern remembered by an earlier
+    loader is used while the store is listed (on another thread): the source
+    resolved from it is handed to ``while_listing`` (to start reading), and
+    returned if the store's listing is the same; otherwise the source is resolved
+    again from the store's listing (a different object is returned).
+    """
     check_allowed(url, allowed_paths)
     pattern = TableDef(name="source", url=url, hive_partitioning=hive).pattern
-    files = read_footers(fs, _list_files(fs, pattern, description or url))
-    wanted, schema = _checked_schema(files, columns)
-    return ResolvedSource(description=description or url, kind="files", files=files, units=_units(files),
-                          columns=wanted, names=list(wanted), schema=schema)
+    description = description or url
+    key = _listing_key(fs, pattern) if while_listing is not None else None
+    remembered = _remembered(fs, key) if key is not None else None
+    speculative: ResolvedSource | None = None
+    if remembered is None:
+        versions = _list_files(fs, pattern, description)
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-listing") as pool:
+            listing = pool.submit(_list_files, fs, pattern, description)
+            try:
+                speculative = _resolve_listed(fs, remembered, columns, description)
+                while_listing(speculative)  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - the store's listing decides below
+                logger.debug("resolving %s from its remembered listing failed (%s); using the store's",
+                             description, exc)
+                speculative = None
+            versions = listing.result()  # its errors (no such bucket, no access) are this call's
+    if key is not None:
+        fs.reader.cache.put_listing(key, [dataclasses.asdict(v) for v in versions])
+    if remembered is not None and _same_listing(versions, remembered):
+        if speculative is not None:
+            return speculative
+    elif remembered is not None:
+        logger.info("the files of %s changed since they were last listed; resolving them again", description)
+    return _resolve_listed(fs, versions, columns, description)
 
 
 # -- SQL -------------------------------------------------------------------------------
@@ -407,8 +488,11 @@ def _stream_sql(fs: ShoalFileSystem, con: duckdb.DuckDBPyConnection, sql: str, p
 
 def resolve_source(source: str, *, columns: Sequence[str] | None, fs: ShoalFileSystem,
                    session_factory: Callable[[], Any], materialize_dir: Path,
-                   allowed_paths: Sequence[str] | None = None) -> ResolvedSource:
-    """Resolve a URL / glob / prefix, a catalog table name, or a SQL query."""
+                   allowed_paths: Sequence[str] | None = None,
+                   while_listing: Callable[[ResolvedSource], None] | None = None) -> ResolvedSource:
+    """Resolve a URL / glob / prefix, a catalog table name, or a SQL query.
+
+    ``while_listing``: see :func:`resolve_files` (used for URL sources)."""
     if not isinstance(source, str) or not source.strip():
         raise LoaderError("source must be a URL, a glob, a table name or a SQL query")
     if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
@@ -423,5 +507,5 @@ def resolve_source(source: str, *, columns: Sequence[str] | None, fs: ShoalFileS
         return resolve_files(session.fs, table.url, columns, hive=table.hive_partitioning,
                              description=f"table {table.name} ({table.url})",
                              allowed_paths=getattr(session, "allowed_paths", None))
-    return resolve_files(fs, source, columns, allowed_paths=allowed_paths)
+    return resolve_files(fs, source, columns, allowed_paths=allowed_paths, while_listing=while_listing)
 

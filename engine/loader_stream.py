@@ -25,13 +25,28 @@ from shoal.cache import CacheConfig, ShoalFileSystem, StoreConfig
 from .loader_plan import EpochPlan, Item
 from .loader_source import ResolvedSource, open_version
 
-__all__ = ["ProcessFileSystem", "UnitReader", "BatchStream", "empty_batch"]
+__all__ = ["ProcessFileSystem", "UnitReader", "BatchStream", "empty_batch", "item_rows", "item_units", "cut_batch"]
 
 logger = logging.getLogger(__name__)
 
 
 def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array([], type=f.type) for f in schema], schema=schema)
+
+
+def item_rows(plan: EpochPlan, item: Item) -> tuple[int, int]:
+    """(first row, rows) of an item's window to read: all when shuffled (a batch takes
+    rows from anywhere in it), else only those of the item's batches."""
+    if plan.shuffle:
+        return 0, item.rows
+    lo = min(item.b0 * plan.batch_size, item.rows)
+    return lo, min(item.b1 * plan.batch_size, item.rows) - lo
+
+
+def item_units(plan: EpochPlan, item: Item) -> list[int]:
+    """The units an item reads, in order."""
+    offset, rows = item_rows(plan, item)
+    return list(dict.fromkeys(piece.unit for piece in plan.pieces(item.start + offset, rows)))
 
 
 class ProcessFileSystem:
@@ -59,11 +74,12 @@ class ProcessFileSystem:
             return self._fs
 
     def quiesce(self) -> None:
-        """Wait until this process writes nothing to the cache: call before forking workers.
+        """Finish this process's cache writes: call before forking workers.
 
-        SQLite (the cache's index) is not fork-safe while a connection is in a write:
-        a child forked then inherits a lock that no one will release, and waits on it
-        (seen: DataLoader workers stalled 60 s, then read through without the cache)."""
+        Blocks fetched here are then on the SSD for the workers (not fetched again),
+        and the fork finds no write in progress.  (A fork while another thread is
+        inside the cache's SQLite index is held back by the block cache itself:
+        a child forked then would inherit SQLite's locks and hang.)"""
         fs = self._fs
         if fs is not None and self._pid == os.getpid():
             fs.reader.flush()
@@ -89,13 +105,49 @@ class ProcessFileSystem:
 
 
 class UnitReader:
-    """Decodes units (row groups, projected, selected, renamed) through the cached filesystem."""
+    """Decodes units (row groups, projected, selected, renamed) through the cached filesystem.
+
+    :meth:`preload` decodes units ahead, in this process, for the next read of
+    each: a DataLoader worker forked afterwards inherits them (copy-on-write)
+    and starts with its first window already decoded.
+    """
 
     def __init__(self, source: ResolvedSource, fs: ProcessFileSystem) -> None:
         self.source = source
         self.fs = fs
+        self._preloaded: dict[int, pa.Table] = {}
+
+    def preload(self, units: Sequence[int], threads: int) -> None:
+        """Decode ``units`` now (``threads`` at a time); the next :meth:`read` of each returns it."""
+        wanted = [u for u in dict.fromkeys(units) if u not in self._preloaded]
+        if not wanted:
+            return
+        if len(wanted) == 1 or threads <= 1:
+            tables = [self._decode(u) for u in wanted]
+        else:
+            with ThreadPoolExecutor(max_workers=min(threads, len(wanted)), thread_name_prefix="shoal-preload") as pool:
+                tables = list(pool.map(self._decode, wanted))
+        self._preloaded.update(zip(wanted, tables))
+
+    def drop_preloaded(self) -> None:
+        """Forget units decoded ahead and not read (their memory is freed)."""
+        self._preloaded = {}
+
+    def keep_preloaded(self, units: Sequence[int]) -> None:
+        """Forget units decoded ahead except ``units``."""
+        keep = set(units)
+        self._preloaded = {u: t for u, t in self._preloaded.items() if u in keep}
 
     def read(self, index: int) -> pa.Table:
+        table = self._preloaded.pop(index, None)
+        return table if table is not None else self._decode(index)
+
+    def peek(self, index: int) -> pa.Table:
+        """A unit, leaving a preloaded one preloaded (for the next :meth:`read`)."""
+        table = self._preloaded.get(index)
+        return table if table is not None else self._decode(index)
+
+    def _decode(self, index: int) -> pa.Table:
         unit = self.source.units[index]
         source_file = self.source.files[unit.file]
         with open_version(self.fs.get(), source_file.version) as handle:
@@ -104,6 +156,9 @@ class UnitReader:
         if unit.selection is not None:
             table = table.take(unit.selection)
         return table.rename_columns(self.source.names)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"source": self.source, "fs": self.fs, "_preloaded": {}}  # a spawned worker reads for itself
 
 
 class _Failure:
@@ -153,7 +208,7 @@ class BatchStream:
         def request(item: Item | None) -> list[Any]:
             if item is None:
                 return []
-            offset, rows = self._rows(item)
+            offset, rows = item_rows(self.plan, item)
             pieces = self.plan.pieces(item.start + offset, rows)
             for piece in pieces:
                 if piece.unit not in units:
@@ -163,41 +218,38 @@ class BatchStream:
         try:
             upcoming = request(self.items[0] if self.items else None)
             for position, item in enumerate(self.items):
-                pieces = upcoming
-                window = self._window(pieces, units)
+                window = self._window(upcoming, units)
                 if self._stop.is_set():
                     return
-                # The next window is read while this one's batches are handed out; asked for
-                # only now, so that the first window has every read thread (time to first batch).
-                upcoming = request(self.items[position + 1] if position + 1 < len(self.items) else None)
-                needed = {piece.unit for piece in upcoming}
-                for unit in [u for u in units if u not in needed]:
-                    del units[unit]
+                following = self.items[position + 1] if position + 1 < len(self.items) else None
+                upcoming = []
                 order = self.plan.permutation(item.start, item.rows)
-                offset = self._rows(item)[0]
                 for number in range(item.b0, item.b1):
-                    lo, hi = self.plan.batch_rows(item, number)
-                    if hi <= lo:
-                        batch = empty_batch(self.schema)
-                    elif order is None:
-                        batch = _record_batch(window.slice(lo - offset, hi - lo))
-                    else:
-                        batch = _record_batch(window.take(order[lo:hi]))
+                    batch = cut_batch(self.plan, item, number, window, order, self.schema)
                     if not self._put(batch if self.convert is None else self.convert(batch)):
                         return
+                    if number == item.b0:
+                        # The next window is read while this one's batches are handed out; asked
+                        # for only now, so that the first window had every read thread and this
+                        # window's first batch the CPU (time to first batch).
+                        upcoming = self._request_next(request, following, units)
+                if item.b1 <= item.b0:
+                    upcoming = self._request_next(request, following, units)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._put(_Failure(exc))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             self._put(_END)
 
-    def _rows(self, item: Item) -> tuple[int, int]:
-        """The rows of an item's window to read: all when shuffled (a batch takes rows
-        from anywhere in it), else only those of the item's batches."""
-        if self.plan.shuffle:
-            return 0, item.rows
-        lo = min(item.b0 * self.plan.batch_size, item.rows)
-        return lo, min(item.b1 * self.plan.batch_size, item.rows) - lo
+    @staticmethod
+    def _request_next(request: Callable[[Item | None], list[Any]], item: Item | None,
+                      units: dict[int, Future[pa.Table]]) -> list[Any]:
+        """Ask for ``item``'s units and forget those of windows already assembled."""
+        pieces = request(item)
+        needed = {piece.unit for piece in pieces}
+        for unit in [u for u in units if u not in needed]:
+            del units[unit]
+        return pieces
 
     def _window(self, pieces: Sequence[Any], units: Mapping[int, Future[pa.Table]]) -> pa.Table:
         parts = [units[p.unit].result().slice(p.lo, p.hi - p.lo) for p in pieces]
@@ -244,6 +296,19 @@ class BatchStream:
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+def cut_batch(plan: EpochPlan, item: Item, number: int, window: pa.Table, order: Any,
+              schema: pa.Schema) -> pa.RecordBatch:
+    """Batch ``number`` of an item, from its window (the rows :func:`item_rows` names)
+    and the window's permutation (``plan.permutation``; None: in order)."""
+    lo, hi = plan.batch_rows(item, number)
+    if hi <= lo:
+        return empty_batch(schema)
+    if order is None:
+        offset = item_rows(plan, item)[0]
+        return _record_batch(window.slice(lo - offset, hi - lo))
+    return _record_batch(window.take(order[lo:hi]))
 
 
 def _record_batch(table: pa.Table) -> pa.RecordBatch:

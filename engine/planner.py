@@ -25,7 +25,7 @@ from shoal.cache import ObjectNotFoundError, ObjectVersion, ShoalFileSystem
 from .aggregate import PartialAggregate, plan_partial_aggregate
 from .catalog import Catalog, TableDef
 from .errors import SqlSyntaxError, translate_duckdb_error
-from .security import lock_down
+from .security import check_source, lock_down
 from .sqlinfo import column_references, parse_tree, table_references, top_level_conjuncts
 
 __all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quote_literal"]
@@ -148,6 +148,7 @@ class Planner:
         self.con.register_filesystem(fs)
         self.con.execute("SET enable_external_file_cache=false")
         lock_down(self.con, allowed_paths, fs.protocol)
+        self.allowed_paths = allowed_paths
         self._listing_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-list")
         #: Use listings remembered on the SSD and check them in the background.
         self.speculate = False
@@ -174,6 +175,10 @@ class Planner:
     # -- step 2: files and views ---------------------------------------------------
 
     def _define_views(self, tables: dict[str, TableDef]) -> dict[str, tuple[list[ObjectVersion], list[str]]]:
+        for table in tables.values():
+            # Before anything is listed or read: DuckDB's lock covers DuckDB's own
+            # reads, not the listing and footer reads Shoal makes for it.
+            check_source(table.url, self.allowed_paths, self.fs.protocol)
         listed: dict[str, tuple[list[ObjectVersion], list[str]]] = {}
         listings: dict[str, list[ObjectVersion]] = {}
         to_list = []

@@ -19,6 +19,9 @@ class TableIO:
     bytes_from_store: int = 0
     bytes_from_cache: int = 0
     bytes_from_memory: int = 0
+    #: Whole blocks delivered by peer workers' caches (``SHOAL_PEERS``), not the store.
+    bytes_from_peers: int = 0
+    blocks_from_peers: int = 0
     store_requests: int = 0
     rows_out: int = 0
     seconds: float = 0.0
@@ -27,6 +30,8 @@ class TableIO:
         self.bytes_from_store += io.bytes_from_store
         self.bytes_from_cache += io.bytes_from_cache
         self.bytes_from_memory += io.bytes_from_memory
+        self.bytes_from_peers += io.bytes_from_peers
+        self.blocks_from_peers += io.blocks_from_peers
         self.store_requests += io.store_requests
 
 
@@ -40,6 +45,8 @@ class QueryProfile:
     stages: dict[str, float] = field(default_factory=dict)
     tables: dict[str, TableIO] = field(default_factory=dict)
     rows: int = 0
+    #: Whether the session had a peer cache tier (then the profile shows peer bytes, even 0).
+    peer_tier: bool = False
 
     @property
     def bytes_from_store(self) -> int:
@@ -48,6 +55,10 @@ class QueryProfile:
     @property
     def bytes_from_cache(self) -> int:
         return sum(t.bytes_from_cache + t.bytes_from_memory for t in self.tables.values())
+
+    @property
+    def bytes_from_peers(self) -> int:
+        return sum(t.bytes_from_peers for t in self.tables.values())
 
     @property
     def store_requests(self) -> int:
@@ -62,6 +73,7 @@ class QueryProfile:
             "tables": {name: vars(io) for name, io in self.tables.items()},
             "bytes_from_store": self.bytes_from_store,
             "bytes_from_cache": self.bytes_from_cache,
+            "bytes_from_peers": self.bytes_from_peers,
             "store_requests": self.store_requests,
         }
 
@@ -98,8 +110,10 @@ def render_explain(profile: QueryProfile, *, analyze: bool, max_fragments: int =
             lines.append(f"      ... {len(scan.fragments) - max_fragments} more")
         if analyze and name in profile.tables:
             io = profile.tables[name]
+            peers = (f"{_size(io.bytes_from_peers)} from peers ({io.blocks_from_peers} blocks), "
+                     if profile.peer_tier or io.bytes_from_peers else "")
             lines.append(
-                f"    read: {_size(io.bytes_from_store)} from store in {io.store_requests} GET(s), "
+                f"    read: {_size(io.bytes_from_store)} from store in {io.store_requests} GET(s), {peers}"
                 f"{_size(io.bytes_from_cache)} from SSD cache, {_size(io.bytes_from_memory)} from memory"
                 + ("" if fused else f"; {io.rows_out} rows to coordinator")
             )
@@ -114,8 +128,10 @@ def render_explain(profile: QueryProfile, *, analyze: bool, max_fragments: int =
     if analyze:
         stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in profile.stages.items())
         lines.append(f"  stages: {stages}")
+        peers = (f"{_size(profile.bytes_from_peers)} from peers, "
+                 if profile.peer_tier or profile.bytes_from_peers else "")
         lines.append(
             f"  total: {profile.rows} rows; {_size(profile.bytes_from_store)} from store "
-            f"({profile.store_requests} GETs), {_size(profile.bytes_from_cache)} from cache"
+            f"({profile.store_requests} GETs), {peers}{_size(profile.bytes_from_cache)} from cache"
         )
     return "\n".join(lines)

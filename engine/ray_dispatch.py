@@ -3,8 +3,10 @@
 A :class:`QueryDispatch` queues each fragment on the member that owns it, keeps at
 most ``max_concurrency`` tasks in flight per member (one per thread), lets idle members
 take queued fragments of backlogged ones, re-runs the fragments of a lost
-member on their next-ranked live member, and feeds the workers' I/O into the
-coordinator's ledger.
+member on their next-ranked live member, feeds the workers' I/O into the
+coordinator's ledger, and keeps the results held in memory within the
+coordinator's budget by spilling the rest to the object store
+(:mod:`shoal.engine.ray_spill`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ray.exceptions
 
 from .errors import QueryCancelled, WorkerError
 from .ray_affinity import fragment_key, ranking
+from .ray_spill import SpilledResult, pin_spilled, spill_object, write_spill
 from .ray_worker import ShoalWorker, task_to_data
 from .worker import ScanResult, ScanTask
 
@@ -62,6 +65,8 @@ class Member:
     handle: Any
     cache_dir: str
     node_id: str | None = None
+    #: ``host:port`` of the actor's block server (None: not serving peers).
+    address: str | None = None
     alive: bool = True
     queue: deque[int] = field(default_factory=deque)
     running: int = 0
@@ -94,6 +99,10 @@ class QueryDispatch:
         self.attempts = [0] * len(tasks)
         self.inflight: dict[Any, tuple[int, Member]] = {}
         self.bytes_in = 0
+        #: ``<spill url>/<query id>/`` (None: results cannot spill).
+        self.spill_prefix = executor._spill_prefix(tasks, self.id)
+        self.spilled = 0
+        self.lost = 0
         # One task per actor thread: the rest wait here, where an idle worker can take them.
         self.window = executor.max_concurrency
         self.started = time.monotonic()
@@ -114,11 +123,18 @@ class QueryDispatch:
             self._loop()
         except BaseException:
             self._abandon()
+            if self.spill_prefix is not None:  # any task may have written before the failure
+                self.ex._delete_spill(self.spill_prefix)
             raise
         finally:
             for member in self.ex._members.values():
                 member.queue.clear()
                 member.running = 0
+        self.ex.last_memory_bytes = self.bytes_in
+        if self.spilled:
+            self.ex._hold_spill(self.spill_prefix)  # deleted by release(), once the coordinator read it
+        elif self.lost and self.spill_prefix is not None:
+            self.ex._delete_spill(self.spill_prefix)  # a lost worker may have spilled before it died
         self._collect_tail_io()
         return [r for r in self.results if r is not None]
 
@@ -181,28 +197,57 @@ class QueryDispatch:
         victim = max(live, key=lambda m: len(m.queue))
         return (victim, len(victim.queue) - 1) if victim.queue else (None, -1)
 
+    def _spill_limit(self) -> dict[str, Any] | None:
+        """What a task sent now may return in memory; beyond it, the worker spills."""
+        if self.spill_prefix is None:
+            return None
+        limit = self.ex.spill_threshold
+        budget = self.ex.memory_budget
+        if budget is not None:
+            room = max(0, budget - self.bytes_in)
+            limit = room if limit is None else min(limit, room)
+        return None if limit is None else {"prefix": self.spill_prefix, "limit": limit}
+
     def _send(self, member: Member, index: int) -> None:
         self.attempts[index] += 1
-        ref = member.handle.run.remote(self.id, self.data[index])
+        ref = member.handle.run.remote(self.id, self.data[index], self._spill_limit())
         self.inflight[ref] = (index, member)
         member.running += 1
 
     def _accept(self, index: int, out: dict[str, Any]) -> None:
         table = out["table"]
-        self.bytes_in += table.nbytes
+        task = self.tasks[index]
         ledger = self.ex.fs.reader.ledger
         for url, delta in out["io"].items():
             ledger.add(url, **delta)
+        spilled = out.get("spilled")
         budget = self.ex.memory_budget
-        if budget is not None and self.bytes_in > budget:
-            raise WorkerError(
-                f"the query's scan results exceed the coordinator's memory budget "
-                f"({self.bytes_in} > {budget} bytes); raise memory_budget or make the query more "
-                f"selective (spilling to the object store is not implemented)")
-        self.results[index] = ScanResult(task=self.tasks[index], table=table, seconds=out["seconds"],
-                                         worker=out["worker"])
+        if spilled is None and budget is not None and self.bytes_in + table.nbytes > budget:
+            if self.spill_prefix is None:
+                raise WorkerError(
+                    f"the query's scan results exceed the coordinator's memory budget "
+                    f"({self.bytes_in + table.nbytes} > {budget} bytes) and cannot spill (spilling is off, "
+                    f"or no s3:// location: set SHOAL_SPILL_URL); raise memory_budget or make the query "
+                    f"more selective")
+            # Sent while there was room, but others arrived first: spill it from here.
+            url = spill_object(self.spill_prefix, task)
+            spilled = {"url": url, "version": write_spill(self.ex.fs, url, table), "rows": table.num_rows,
+                       "bytes": table.nbytes}
+            table = table.schema.empty_table()
+            self.ex.coordinator_spills += 1
+        if spilled is not None:
+            pin_spilled(self.ex.fs, spilled["version"])
+            self.spilled += 1
+            self.ex.spilled_results += 1
+            self.results[index] = SpilledResult(
+                task=task, table=table, seconds=out["seconds"], worker=out["worker"], spilled=(spilled["url"],),
+                spilled_rows=spilled["rows"], spilled_bytes=spilled["bytes"], spill_prefix=self.spill_prefix or "")
+            return
+        self.bytes_in += table.nbytes
+        self.results[index] = ScanResult(task=task, table=table, seconds=out["seconds"], worker=out["worker"])
 
     def _lost(self, index: int, member: Member, exc: BaseException) -> None:
+        self.lost += 1
         if member.alive:
             member.alive = False
             logger.warning("ray worker %s lost mid-query (%s); re-running its fragments elsewhere",

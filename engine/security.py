@@ -8,7 +8,10 @@ the object stores behind Shoal's cached filesystem and local files under those
 directories: no other local file (``read_csv('/etc/passwd')``), no ``..``
 escape, no ``ATTACH``, no extension install.  DuckDB enforces it
 (``enable_external_access=false`` with ``allowed_directories``); once set on a
-connection it cannot be undone from SQL.
+connection it cannot be undone from SQL.  Reads Shoal makes itself, outside
+DuckDB (the planner lists a table's files and prefetches their footers through
+its filesystem), must be checked with :func:`check_source` before anything is
+touched.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Mapping, Sequence
 
 import duckdb
 
-__all__ = ["allowed_paths_from_env", "lock_down"]
+from .errors import AccessNotAllowedError
+
+__all__ = ["allowed_paths_from_env", "lock_down", "check_source"]
 
 
 def allowed_paths_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
@@ -43,3 +48,31 @@ def lock_down(con: duckdb.DuckDBPyConnection, allowed_paths: Sequence[str] | Non
     listing = ", ".join("'" + e.replace("'", "''") + "'" for e in entries)
     con.execute(f"SET allowed_directories=[{listing}]").fetchall()
     con.execute("SET enable_external_access=false").fetchall()
+
+
+def check_source(url: str, allowed_paths: Sequence[str] | None, protocols: Sequence[str]) -> None:
+    """Refuse a table URL that SQL may not reach, before it is listed or read.
+
+    With ``allowed_paths`` set, a table is an object in one of ``protocols``
+    (Shoal's object stores) or a local path (or glob) under one of the allowed
+    directories, after ``..`` and symbolic links are resolved; anything else
+    (another scheme such as ``http://``, a local path elsewhere) raises
+    :class:`AccessNotAllowedError` naming only what the user wrote.
+    """
+    if allowed_paths is None:
+        return
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    if scheme != "file":
+        if scheme in protocols:
+            return
+        raise AccessNotAllowedError(
+            f"{scheme}:// URLs are not allowed: SQL may read "
+            f"{', '.join(p + '://' for p in protocols)} objects and files under SHOAL_ALLOWED_PATHS")
+    path = url.split("://", 1)[1] if "://" in url else url
+    if "\x00" not in path:
+        real = os.path.realpath(path)
+        for root in allowed_paths:
+            base = os.path.realpath(root)
+            if real == base or real.startswith(os.path.join(base, "")):
+                return
+    raise AccessNotAllowedError(f"{url!r}: not allowed (local files are limited to SHOAL_ALLOWED_PATHS)")

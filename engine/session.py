@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from typing import Any, Callable, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from shoal.cache import CacheConfig, ObjectChangedError, ShoalFileSystem, StorageError, StoreConfig
+from shoal.cache import (
+    CacheConfig, ObjectChangedError, ShoalFileSystem, StorageConfigError, StorageError, StoreConfig, parse_size,
+)
 
 from .aggregate import PARTIAL_TABLE
 from .catalog import Catalog, TableDef
@@ -83,7 +86,7 @@ class _ProgressReporter:
 
     def _read(self) -> int:
         snapshot = self.fs.reader.ledger.snapshot()
-        return sum(io.bytes_from_store + io.bytes_from_cache + io.bytes_from_memory
+        return sum(io.bytes_from_store + io.bytes_from_cache + io.bytes_from_memory + io.bytes_from_peers
                    for url, io in snapshot.items() if url in self.urls)
 
     def _loop(self) -> None:
@@ -94,6 +97,32 @@ class _ProgressReporter:
         self._done.set()
         self._thread.join()
         self.progress(self.total, self.total)
+
+
+
+def _temp_directory() -> str:
+    """Where the coordinator's DuckDB spills: ``SHOAL_TEMP_DIR``, else a per-user
+    folder in the system temp directory."""
+    return os.environ.get("SHOAL_TEMP_DIR") or os.path.join(tempfile.gettempdir(), f"shoal-duckdb-{os.getuid()}")
+
+
+def _parse_memory_limit(text: str) -> int:
+    try:
+        return parse_size(text)
+    except StorageConfigError as exc:
+        raise QueryError(f"SHOAL_MEMORY_LIMIT: {exc}") from exc
+
+
+def _refuse_unsupported(statement: str) -> None:
+    """Raise :class:`QueryError` for a statement of a supported type in a form
+    Shoal does not run (CREATE TABLE, CREATE SECRET, COPY ... FROM, ...)."""
+    if _EXPLAIN.match(statement) or _COPY.match(statement) or _CREATE_VIEW.match(statement) \
+            or _DROP_VIEW.match(statement):
+        return
+    if re.match(r"^\s*(CREATE|DROP)\b", statement, re.I):
+        raise QueryError("only CREATE VIEW and DROP VIEW are supported (tables live in the object store)")
+    if re.match(r"^\s*COPY\b", statement, re.I):
+        raise QueryError("only COPY (SELECT ...) TO 'url' is supported")
 
 
 class Session:
@@ -199,6 +228,8 @@ class Session:
                     f"{kind} statements are not supported: Shoal runs SELECT, EXPLAIN [ANALYZE], "
                     "COPY (SELECT ...) TO, CREATE VIEW, DROP VIEW, SHOW TABLES and DESCRIBE"
                 )
+        for _, statement in statements:  # all of a script is checked before any of it runs
+            _refuse_unsupported(statement)
         result = QueryResult(table=pa.table({}))
         for _, statement in statements:
             result = self._statement(statement, progress)
@@ -253,8 +284,7 @@ class Session:
             return QueryResult(table=pa.table({"name": [r[0] for r in rows], "url": [r[1] for r in rows]}))
         if match := re.match(r"^\s*(?:DESCRIBE|DESC)\s+(?P<name>\"?[A-Za-z_][A-Za-z0-9_]*\"?)\s*;?\s*$", statement, re.I):
             return self._select(f"DESCRIBE SELECT * FROM {match['name']}", progress)
-        if re.match(r"^\s*(CREATE|DROP)\b", statement, re.I):
-            raise QueryError("only CREATE VIEW and DROP VIEW are supported (tables live in the object store)")
+        _refuse_unsupported(statement)
         return self._select(statement, progress)
 
     def _create_view(self, name: str, query: str, replace: bool) -> QueryResult:
@@ -317,7 +347,8 @@ class Session:
         self.planner.speculate = speculate
         self._cancel.clear()
         self.fs.take_error()
-        profile = QueryProfile(executor=self.executor.name, workers=self.workers)
+        profile = QueryProfile(executor=self.executor.name, workers=self.workers,
+                               peer_tier=self.fs.reader.peers is not None)
         started = time.perf_counter()
         try:
             before = self.fs.reader.ledger.snapshot()
@@ -403,7 +434,8 @@ class Session:
         finish_started = time.perf_counter()
         con = self._finish_connection()
         con.execute(f"SET threads={os.cpu_count() or 1}").fetchall()
-        registered = []
+        registered: list[str] = []
+        views: list[str] = []
         try:
             for name, scan in plan.scans.items():
                 if plan.partial is not None:
@@ -418,16 +450,32 @@ class Session:
                 empty = self.planner.con.sql(sql).to_arrow_table()
                 mine = [r for r in results if r.task.table == name]
                 combined = combine(mine, empty)
-                profile.tables[name].rows_out = combined.num_rows
+                # Results a worker spilled to the object store as Parquet (ray executor).
+                spilled = [url for r in mine for url in getattr(r, "spilled", ())]
+                profile.tables[name].rows_out = combined.num_rows + sum(getattr(r, "spilled_rows", 0) for r in mine)
                 profile.tables[name].seconds = sum(r.seconds for r in mine)
+                if spilled:
+                    memory = f"__shoal_in_memory_{len(registered)}"
+                    con.register(memory, combined)
+                    registered.append(memory)
+                    files = ", ".join(quote_literal(u) for u in spilled)
+                    con.execute(f"CREATE OR REPLACE TEMP VIEW {quote_ident(target)} AS SELECT * FROM {memory} "
+                                f"UNION ALL BY NAME SELECT * FROM read_parquet([{files}])").fetchall()
+                    views.append(target)
+                    continue
                 con.register(target, combined)
                 registered.append(target)
             table = con.sql(plan.partial.merge_sql if plan.partial else plan.sql).to_arrow_table()
         except duckdb.Error as exc:
             raise translate_duckdb_error(exc, self.fs.take_error()) from exc
         finally:
+            for name in views:
+                con.execute(f"DROP VIEW IF EXISTS {quote_ident(name)}").fetchall()
             for name in registered:
                 con.unregister(name)
+            release = getattr(self.executor, "release", None)  # e.g. delete spilled results
+            if release is not None:
+                release(results)
         profile.stages["finish"] = time.perf_counter() - finish_started
         return table
 
@@ -447,6 +495,11 @@ class Session:
             con = duckdb.connect()
             con.register_filesystem(self.fs)
             con.execute("SET enable_external_file_cache=false")
+            # Joins and sorts larger than memory spill here, not to ./.tmp of
+            # whatever directory the user happens to be in.
+            con.execute(f"SET temp_directory={quote_literal(_temp_directory())}")
+            if limit := os.environ.get("SHOAL_MEMORY_LIMIT"):
+                con.execute(f"SET memory_limit={quote_literal(str(_parse_memory_limit(limit)) + 'B')}")
             lock_down(con, self.allowed_paths, self.fs.protocol)
             self._finish_con = con
         return self._finish_con

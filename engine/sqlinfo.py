@@ -18,7 +18,11 @@ __all__ = ["parse_tree", "table_references", "column_references", "top_level_con
 
 def parse_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
     """DuckDB's parse tree of ``sql`` (raises :class:`SqlSyntaxError`)."""
-    rows = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
+    try:
+        rows = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
+    except duckdb.Error as exc:  # e.g. text that is not valid UTF-8 (a lone surrogate from argv)
+        text = str(exc).strip()
+        raise SqlSyntaxError(f"SQL syntax error: {text.splitlines()[0] if text else type(exc).__name__}") from None
     row = rows[0] if rows else None
     tree = json.loads(row[0]) if row else {"error": True}
     if tree.get("error"):
@@ -65,10 +69,24 @@ def column_references(tree: dict[str, Any]) -> set[str]:
     return out
 
 
+def _without_where(node: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in node.items() if k != "where_clause"}
+
+
+def _bare_select(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    return parse_tree(con, "SELECT 1 WHERE true")["statements"][0]["node"]
+
+
 def top_level_conjuncts(con: duckdb.DuckDBPyConnection, predicate: str) -> list[tuple[str, set[str]]]:
     """Split ``a AND b AND c`` into ``[(sql, columns), ...]`` using DuckDB's parser."""
     tree = parse_tree(con, f"SELECT 1 WHERE {predicate}")
-    where = tree["statements"][0]["node"]["where_clause"]
+    statements = tree.get("statements") or []
+    node = (statements[0].get("node") or {}) if len(statements) == 1 else {}
+    where = node.get("where_clause")
+    # Anything but a bare predicate ("1 UNION SELECT ...", "x GROUP BY y", "x; SELECT 2")
+    # changes the statement around it: refuse it rather than drop or misplace a part.
+    if not isinstance(where, dict) or _without_where(node) != _without_where(_bare_select(con)):
+        raise SqlSyntaxError(f"not a single predicate: {predicate!r}")
     parts = where["children"] if where.get("type") == "CONJUNCTION_AND" else [where]
     out = []
     for part in parts:

@@ -277,7 +277,8 @@ class ShoalDataset(IterableDataset):
         Row groups read and decoded concurrently per stream.
     transform:
         ``transform(batch_dict) -> anything``, applied to each batch in the
-        worker (e.g. decode images from the ``bytes`` of a binary column).
+        worker (e.g. decode images from the ``bytes`` of a binary column); see
+        :class:`ShoalDataLoader` for the first batch of an epoch.
     collate:
         ``collate(pyarrow.RecordBatch) -> anything``: replaces the Arrow-to-tensor
         conversion (``transform`` then applies to its result).
@@ -379,6 +380,8 @@ class ShoalDataset(IterableDataset):
         shared[_Shared.WORKER_STARTS] += 1
         self.loader.set_epoch(shared[_Shared.EPOCH])
         schedule = self.loader.schedule(info.num_workers)
+        # A window decoded by the parent before the fork (ShoalDataLoader): kept by the worker that reads it first.
+        self.loader.reader.keep_preloaded(self.loader.first_units(schedule, info.id))
         return self.loader.stream(schedule.lanes[info.id], convert=self._convert)
 
     def state_dict(self) -> dict[str, Any]:
@@ -414,7 +417,15 @@ class ShoalDataLoader(DataLoader):
     It fixes ``batch_size=None`` (the dataset batches), ``in_order=True`` (the
     round-robin order the resume logic relies on) and an identity collate, and
     counts the batches it hands to the training loop, which is what
-    :meth:`state_dict` needs when ``num_workers > 0``.  Other arguments are
+    :meth:`state_dict` needs when ``num_workers > 0``.
+
+    Time to first batch: when an iteration starts worker processes (every
+    epoch, unless ``persistent_workers`` keeps them), the epoch's first batch is
+    made in the main process, from a window decoded there (while the store was
+    listed, or now), and handed out while the workers start; they continue after
+    it in the same order, and forked ones inherit the decoded window.  So
+    ``transform`` / ``collate`` run in the main process for that one batch
+    (with ``pin_memory`` the workers make it, as usual).  Other arguments are
     DataLoader's (``num_workers``, ``pin_memory``, ``prefetch_factor``,
     ``persistent_workers``, ``multiprocessing_context``, ``worker_init_fn``,
     ``timeout``, ``pin_memory_device``).
@@ -443,14 +454,35 @@ class ShoalDataLoader(DataLoader):
         if self._iterator is not None and self._workers_generation != dataset._generation:
             self._iterator._shutdown_workers()  # persistent workers hold a stale state
             self._iterator = None
-        dataset.loader.begin(self.num_workers, consume=False)
-        dataset.loader.before_fork()
-        iterator = super().__iter__()  # workers start here, with the resume state still pending
+        loader = dataset.loader
+        schedule = loader.begin(self.num_workers, consume=False)
+        first = None
+        if self._starts_workers() and not self.pin_memory:
+            # Time to first batch: the first batch is made here, from its window decoded here
+            # (during construction, or now), while the workers start; they continue after it
+            # (round robin, rotated: the order is the same) and the one continuing lane 0
+            # inherits the window when forked.
+            loader.preload(schedule)
+            batch = loader.first_batch(schedule)
+            first = None if batch is None else dataset._convert(batch)
+        loader.before_fork()
+        try:
+            with loader.workers_continue(schedule, 1 if first is not None else 0):
+                iterator = super().__iter__()  # workers start here, with the resume state still pending
+        finally:
+            loader.drop_preloaded()
         self._workers_generation = dataset._generation
-        dataset.loader.consume_resume()
+        loader.consume_resume()
+        if first is not None:
+            loader.note_delivered()
+            yield first
         for batch in iterator:
-            dataset.loader.note_delivered()
+            loader.note_delivered()
             yield batch
+
+    def _starts_workers(self) -> bool:
+        """Whether the next ``iter()`` starts worker processes (not persistent ones reused)."""
+        return not (self.persistent_workers and self._iterator is not None)
 
     def state_dict(self) -> dict[str, Any]:
         return self.dataset.state_dict()  # type: ignore[attr-defined]
@@ -471,7 +503,8 @@ class ShoalMapDataset(Dataset):
     :func:`arrow_to_torch` does.  Per-row values: numbers as 0-d tensors, lists
     as 1-D tensors (unpadded; use ``collate_fn=shoal.engine.torch.collate`` to
     pad them), binary and strings as ``bytes`` / ``str``.  ``transform`` applies
-    to each row.  ``source``, ``columns``, ``session``, ``cache``, ``store`` and
+    to each row; ``pad_value`` pads list columns in :meth:`get_batch`.
+    ``source``, ``columns``, ``session``, ``cache``, ``store`` and
     ``materialize_dir`` are as for :class:`ShoalDataset`.
     """
 
@@ -480,7 +513,7 @@ class ShoalMapDataset(Dataset):
                  transform: Callable[[dict[str, Any]], Any] | None = None, pad_value: float | int = 0,
                  cache_bytes: int = 256 << 20, materialize_dir: str | Path | None = None) -> None:
         self.loader = BatchLoader(source, batch_size=1, columns=columns, session=session, cache=cache, store=store,
-                                  materialize_dir=materialize_dir)
+                                  materialize_dir=materialize_dir, preload_first=False)
         self.transform, self.pad_value, self.cache_bytes = transform, pad_value, cache_bytes
         self._offsets = np.concatenate([[0], np.cumsum(self.loader.source.counts)]).astype(np.int64)
         self._lru: OrderedDict[int, pa.Table] = OrderedDict()

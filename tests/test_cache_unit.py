@@ -678,3 +678,33 @@ def test_prefetched_pieces_are_kept_in_memory_without_a_cache(tmp_path) -> None:
     assert fs.cat_file(url, 5000, 150_000) == data[5000:150_000]
     assert fs.stats()["store_requests"] == 1
     fs.close()
+
+
+def test_sequential_small_reads_stay_verified_and_counted(mem: Any, make_fs: MakeFs, cache_dir: Path) -> None:
+    """A scan reading a warm block in small pieces keeps the block's file open
+    (the cursor): its reads are still checked chunk by chunk, so a block file
+    damaged under an open reader is caught, discarded and refetched, and the
+    reads are counted as hits once the file is closed."""
+    data = payload(4 * BS, seed=21)
+    url = put_object(mem, "scan", data)
+    first = make_fs()
+    assert first.cat_file(url) == data
+    first.close()
+
+    fs = make_fs()
+    step = BS // 8
+    out = bytearray()
+    with fs.open(url, "rb") as f:
+        for n in range(8 * 4):
+            if n == 8 + 2:  # inside block 1, whose file the cursor holds open
+                victim = next(p for p in _value_files(cache_dir) if p.read_bytes()[:64] == data[BS : BS + 64])
+                raw = bytearray(victim.read_bytes())
+                raw[5 * step + 7] ^= 0xFF  # a chunk this reader has not read yet
+                victim.write_bytes(bytes(raw))  # same inode: the open file sees it
+            out += f.read(step)
+    assert bytes(out) == data
+    stats = fs.stats()
+    assert stats["corrupt_blocks"] == 1
+    assert stats["store_requests"] == 1  # only the damaged block came from the store
+    assert stats["bytes_from_cache"] + stats["bytes_from_store"] >= len(data)
+    assert stats["hits"] >= 8 * 3  # every read of the three intact blocks, counted at close

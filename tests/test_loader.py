@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -25,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from shoal.cache import CacheConfig, ObjectNotFoundError, ShoalFileSystem, StoreConfig
-from shoal.engine import NotParquetError, Session
+from shoal.engine import BatchLoader, NotParquetError, Session
+from shoal.engine.loader_stream import item_units
 from shoal.engine.torch import (
     LoaderError,
     LoaderSchemaError,
@@ -396,7 +398,8 @@ def test_sql_with_catalog_table_and_general_query(make: Any, data: dict[str, Any
 @pytest.mark.parametrize("workers", [0, 2])
 def test_epoch_two_reads_nothing_from_the_store(make: Any, tmp_path: Path, workers: int) -> None:
     cache = CacheConfig(directory=tmp_path / "epochs", block_size=64 * 1024)
-    ds = make(shuffle=True, seed=1, cache=cache)
+    # Several windows: the first is decoded in this process (ShoalDataLoader), the others by the workers.
+    ds = make(shuffle=True, seed=1, cache=cache, shuffle_buffer=256)
     observer = ShoalFileSystem(cache=cache)
     try:
         def from_store() -> int:
@@ -413,6 +416,92 @@ def test_epoch_two_reads_nothing_from_the_store(make: Any, tmp_path: Path, worke
             assert observer.reader.cache.persisted_stats()["hits"] > 0
     finally:
         observer.close()
+
+
+@first_server
+def test_a_loader_on_a_warm_cache_sees_files_changed_since_the_last_listing(make: Any, data: dict[str, Any]) -> None:
+    """A remembered listing lets a loader start reading before the store answers; the store's
+    listing decides, and nothing read from a stale listing is used."""
+    client, bucket = data["client"], data["bucket"]
+    prefix = f"evolving-{secrets.token_hex(4)}"
+    url = f"s3://{bucket}/{prefix}/*.parquet"
+    _put(client, bucket, f"{prefix}/a.parquet", _table(0, 300, 1), row_group_size=128)
+    _put(client, bucket, f"{prefix}/b.parquet", _table(300, 200, 2), row_group_size=128)
+    assert sorted(ids(run(make(url, shuffle=True, seed=4), 2))) == list(range(500))
+    again = make(url, shuffle=True, seed=4)  # listing unchanged: resolved from the remembered one
+    plan = again.loader.plan()
+    first_window = item_units(plan, plan.windows()[0])
+    assert len(first_window) == 5  # a 4096-row window: every row group
+    assert sorted(again.loader.reader._preloaded) == sorted(first_window)  # read while the store was listed
+    assert sorted(ids(run(again, 2))) == list(range(500))
+    assert again.loader.reader._preloaded == {}  # handed to worker 0, freed in this process
+    _put(client, bucket, f"{prefix}/b.parquet", _table(1000, 150, 3), row_group_size=128)  # new version
+    _put(client, bucket, f"{prefix}/c.parquet", _table(2000, 10, 4))  # a new file
+    changed = make(url, shuffle=True, seed=4)
+    assert changed.loader.reader._preloaded == {}  # what was read from the stale listing is dropped
+    expected = [*range(300), *range(1000, 1150), *range(2000, 2010)]
+    assert sorted(ids(run(changed, 2))) == expected
+    assert sorted(ids(run(make(url), 0))) == expected
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_file_overwritten_during_an_epoch_is_never_mixed(make: Any, data: dict[str, Any], tmp_path: Path,
+                                                           cached: bool) -> None:
+    """An epoch reads each file at the version it listed: a file overwritten after the
+    first batch gives the old rows throughout, or one clear error; never a row of the new
+    version next to rows of the old one."""
+    client, bucket = data["client"], data["bucket"]
+    prefix = f"overwritten-{secrets.token_hex(4)}"
+    _put(client, bucket, f"{prefix}/a.parquet", _table(0, 20_000, 1), row_group_size=512)
+    cache = CacheConfig(directory=tmp_path / "ow-cache", block_size=64 * 1024, enabled=cached)
+    ds = make(f"s3://{bucket}/{prefix}/*.parquet", batch_size=256, cache=cache)
+    seen: list[int] = []
+    error: Exception | None = None
+    batches = iter(ShoalDataLoader(ds, num_workers=0))
+    try:
+        seen += ids([next(batches)])
+        _put(client, bucket, f"{prefix}/a.parquet", _table(50_000, 20_000, 2), row_group_size=512)
+        for batch in batches:
+            seen += ids([batch])
+    except Exception as exc:  # noqa: BLE001 - which error it is is checked below
+        error = exc
+    assert seen and all(i < 20_000 for i in seen)  # not one row of the new version
+    if error is None:
+        assert sorted(seen) == list(range(20_000))
+    else:
+        assert "changed" in str(error).lower(), repr(error)
+        assert "Traceback" not in str(error)
+
+
+def test_deferred_s3_source_has_the_cache_identity_of_the_real_one(tmp_path: Path) -> None:
+    from shoal.engine.loader_source import _DeferredS3Source
+
+    store = StoreConfig(endpoint_url="http://127.0.0.1:9", access_key="k", secret_key="s", region="us-east-1")
+    fs = ShoalFileSystem(cache=CacheConfig(directory=tmp_path / "cache"), store=store)
+    try:
+        deferred = _DeferredS3Source(fs, "s3")
+        assert deferred.store_id == fs.source("s3").store_id
+        assert deferred.pins_versions is fs.source("s3").pins_versions
+    finally:
+        fs.close()
+
+
+def _tag_process(batch: dict[str, Any]) -> dict[str, Any]:
+    return {**batch, "pid": os.getpid()}
+
+
+@first_server
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+def test_the_first_batch_is_made_while_the_workers_start(make: Any) -> None:
+    options = dict(shuffle=True, seed=3, shuffle_buffer=256, transform=_tag_process)
+    batches = run(make(**options), 2)
+    pids = [b["pid"] for b in batches]
+    assert pids[0] == os.getpid() and os.getpid() not in pids[1:]  # then the workers, round robin
+    assert sorted(ids(batches)) == list(range(TOTAL))
+    # The same batches in the same order as when the workers make all of them (pin_memory).
+    in_workers = run(make(**options), 2, pin_memory=True)
+    assert os.getpid() not in [b["pid"] for b in in_workers]
+    assert ids(in_workers) == ids(batches)
 
 
 # -- conversion and random access -------------------------------------------------------------------
@@ -479,6 +568,41 @@ def test_allowed_paths_keep_local_sources_out(make: Any, tmp_path: Path, monkeyp
         make(str(outside / "*.parquet"))
     with pytest.raises(Exception, match="(?i)permission|not allowed|disabled"):
         make(f"SELECT id FROM read_parquet('{outside}/a.parquet') ORDER BY id")
+
+
+def _documented_parameters(doc: str) -> set[str]:
+    """Names in the "Parameters" entries of a numpy-style docstring (``name:`` or ``a, b:`` lines)."""
+    import re
+
+    names: set[str] = set()
+    for line in doc.splitlines():
+        match = re.fullmatch(r" {4}(\w+(?:, \w+)*):", line)
+        if match:
+            names.update(n.strip() for n in match.group(1).split(","))
+    return names
+
+
+@pytest.mark.parametrize("cls", [ShoalDataset, BatchLoader])
+def test_every_constructor_argument_is_documented(cls: Any) -> None:
+    import inspect
+
+    arguments = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert arguments - _documented_parameters(cls.__doc__ or "") == set()
+    map_arguments = set(inspect.signature(ShoalMapDataset.__init__).parameters) - {"self"}
+    assert [a for a in map_arguments if f"``{a}``" not in (ShoalMapDataset.__doc__ or "")] == []
+
+
+def test_the_batch_loader_and_its_errors_are_exported() -> None:
+    import shoal.engine as engine
+    import shoal.engine.errors as errors
+    import shoal.engine.loader as loader_module
+
+    assert {"BatchLoader", "LoaderError", "LoaderSchemaError", "LoaderStateError"} <= set(engine.__all__)
+    assert engine.BatchLoader is loader_module.BatchLoader
+    # One class each, wherever it is imported from (the adapter's names stay valid).
+    assert LoaderError is engine.LoaderError is errors.LoaderError is loader_module.LoaderError
+    assert LoaderSchemaError is errors.LoaderSchemaError and LoaderStateError is errors.LoaderStateError
+    assert issubclass(LoaderError, engine.EngineError) and issubclass(LoaderStateError, ValueError)
 
 
 def test_importing_the_engine_does_not_import_torch() -> None:

@@ -151,14 +151,23 @@ def test_partial_reads_and_prefetch_go_through_the_owners(cluster: Cluster, s3_c
     assert fs.cat_file(url, start=100, end=200) == data[100:200]  # a piece of block 0
     assert fs.cat_file(url, start=BS - 10, end=BS + 10) == data[BS - 10 : BS + 10]  # across blocks 0 and 1
     assert fs.prefetch(url, [(2 * BS + 5, 2 * BS + 50), (4 * BS, 4 * BS + 1)]) > 0  # blocks 2 and 4
+    tier = fs.reader.peers
     deadline = time.monotonic() + 10
-    while fs.reader.peers.metrics.peer_hits < 4 and time.monotonic() < deadline:
+    while tier.metrics.peer_hits < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert fs.reader.peers.metrics.peer_hits == 4
-    assert client_gets(fs) == 0 and cluster.store_gets() - before == 4  # whole blocks, read once, by owners
+    # Pieces, not blocks: [100, 200) of block 0, the read across blocks 0 and 1 (two), two prefetched.
+    assert tier.metrics.peer_hits == tier.metrics.piece_hits == 5
+    assert tier.metrics.peer_bytes == 100 + 20 + 45 + 1  # only the bytes asked for reach the reader
+    assert client_gets(fs) == 0 and cluster.store_gets() - before == 5  # each filled by its owner, once
+    fs.reader.flush()  # pieces from peers are kept locally, as store pieces are
+    assert fs.cat_file(url, start=2 * BS + 5, end=2 * BS + 50) == data[2 * BS + 5 : 2 * BS + 50]
+    assert tier.metrics.peer_hits == 5
     other = make_fs(cluster.addresses, "parts2")
     assert other.cat_file(url, start=2 * BS + 5, end=2 * BS + 50) == data[2 * BS + 5 : 2 * BS + 50]
-    assert cluster.store_gets() - before == 4
+    third = make_fs(cluster.addresses, "parts3")  # a part of that piece
+    assert third.cat_file(url, start=2 * BS + 20, end=2 * BS + 30) == data[2 * BS + 20 : 2 * BS + 30]
+    assert other.reader.peers.metrics.piece_hits == third.reader.peers.metrics.piece_hits == 1
+    assert cluster.store_gets() - before == 5  # the owner served both from the piece it kept
 
 
 def test_concurrent_readers_share_one_store_read(cluster: Cluster, s3_client: Any, s3_bucket: str,
@@ -205,6 +214,44 @@ def test_new_version_is_never_served_from_an_old_block(cluster: Cluster, s3_clie
         with pytest.raises(ObjectChangedError):
             gone.cat_file(url)
     assert gone.reader.peers.metrics.stale == 3
+
+
+def test_query_profile_shows_peer_bytes_apart_from_store_and_cache(cluster: Cluster, s3_client: Any,
+                                                                   s3_bucket: str, make_fs: MakeFs) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shoal.engine import Session
+    from shoal.engine.profile import render_explain
+
+    rows = 20_000
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"k": list(range(rows)), "v": [3 * i for i in range(rows)]}), sink,
+                   row_group_size=5_000)
+    s3_client.put_object(Bucket=s3_bucket, Key="t/part-0.parquet", Body=sink.getvalue())
+
+    def query(name: str) -> tuple[ShoalFileSystem, Any]:
+        fs = make_fs(cluster.addresses, name)
+        session = Session(fs=fs, workers=1)
+        session.register("t", f"s3://{s3_bucket}/t/")
+        result = session.sql("SELECT count(*) AS n, sum(v) AS s FROM t")
+        assert result.table.to_pylist() == [{"n": rows, "s": 3 * sum(range(rows))}]
+        session.close()
+        return fs, result.profile
+
+    query("profile-warms-the-owners")
+    fs, profile = query("profile-empty-local-cache")
+    tier = fs.reader.peers
+    assert profile.peer_tier and tier.metrics.peer_hits > 0
+    assert profile.bytes_from_peers == tier.metrics.peer_bytes > 0  # every peer byte is in the profile...
+    assert profile.tables["t"].blocks_from_peers == tier.metrics.peer_hits
+    assert profile.bytes_from_store == 0 and profile.store_requests == 0  # ...and none came from the store
+    assert profile.to_dict()["bytes_from_peers"] == profile.bytes_from_peers
+    text = render_explain(profile, analyze=True)
+    assert f"from peers ({tier.metrics.peer_hits} blocks)" in text
+    assert "from store (0 GETs), " in text and " from peers, " in text
 
 
 @pytest.fixture
@@ -314,3 +361,46 @@ def test_owner_never_fills_from_local_files(tmp_path: Path) -> None:
     finally:
         filler.close()
         cache.close()
+
+
+def test_owner_without_ranges_is_asked_for_whole_blocks() -> None:
+    """Unit test of the tier's fallback: a transport that answers ranged requests
+    UNSUPPORTED (an older owner) gets asked for the whole blocks, and the reader
+    still gets exactly the pieces it wanted."""
+    from shoal.cache.source import ObjectVersion
+    from shoal.transport import BlockTransport, Outcome
+
+    blocks = {f"k:{i}": random.Random(i).randbytes(BS) for i in range(2)}
+
+    class OldOwner(BlockTransport):
+        name = "tcp"
+
+        def __init__(self) -> None:
+            self.asked: list[tuple[str, bool]] = []
+
+        def fetch(self, peer, requests, buffers, *, timeout):  # type: ignore[no-untyped-def]
+            outcomes = []
+            for request, buffer in zip(requests, buffers):
+                self.asked.append((request.key, request.ranged))
+                if request.ranged:
+                    outcomes.append(Outcome.UNSUPPORTED)
+                else:
+                    buffer[: request.length] = blocks[request.key][: request.length]
+                    outcomes.append(Outcome.FILLED)
+            return outcomes
+
+        def close(self) -> None:
+            pass
+
+    transport = OldOwner()
+    tier = PeerTier(PeerConfig(peers=("127.0.0.1:9",), mode="tcp"), SECRET, transport=transport)
+    source = type("Source", (), {"store_id": "s3:test"})()
+    version = ObjectVersion(url="s3://b/obj", size=2 * BS, etag="e1")
+    try:
+        got = tier.fetch_pieces(source, version, BS, [(0, "k:0", 70_000 - BS, BS - 5), (1, "k:1", 3, 10)])
+        assert bytes(got[0]) == blocks["k:0"][70_000 - BS : BS - 5] and bytes(got[1]) == blocks["k:1"][3:10]
+        assert sorted(transport.asked) == [("k:0", False), ("k:0", True), ("k:1", False), ("k:1", True)]
+        assert tier.metrics.ranges_unsupported == 2
+        assert tier.metrics.peer_hits == 2 and tier.metrics.peer_bytes == (BS - 5 - (70_000 - BS)) + 7
+    finally:
+        tier.close()

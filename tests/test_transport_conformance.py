@@ -151,6 +151,36 @@ def test_concurrent_fetches_from_many_threads(harness: Harness) -> None:
 # -- per-request outcomes ---------------------------------------------------------------
 
 
+def test_one_bad_chunk_deep_inside_a_large_block(harness: Harness) -> None:
+    """A block larger than the client's receive piece, whose checksum of one chunk in
+    the middle is wrong: CORRUPT, and the connection stays usable (the rest of the body
+    is still read off the socket)."""
+    import dataclasses
+
+    size = MAX - 12_345  # several receive pieces, a short last chunk
+    data = blocks(3, size=size, seed=11)
+
+    class OneBadChunk(MemoryProvider):
+        def lookup(self, request: BlockRequest):  # type: ignore[no-untyped-def]
+            served = super().lookup(request)
+            if request.key == "key-1" and served.sums:
+                sums = list(served.sums)
+                sums[len(sums) // 2 + 3] ^= 1
+                served = dataclasses.replace(served, sums=sums)
+            return served
+
+    provider = OneBadChunk(chunk=16 << 10)
+    for key, value in data.items():
+        provider.put(key, value)
+    server = harness.server(provider)
+    client = harness.client()
+    outcomes, got = fetch(client, server.address, data)
+    assert outcomes == [Outcome.FILLED, Outcome.CORRUPT, Outcome.FILLED]
+    assert bytes(got[0]) == data["key-0"] and bytes(got[2]) == data["key-2"]
+    outcomes, got = fetch(client, server.address, {"key-2": data["key-2"]})
+    assert outcomes == [Outcome.FILLED] and bytes(got[0]) == data["key-2"]
+
+
 def test_not_found_stale_and_corrupt(harness: Harness) -> None:
     data = blocks(3, size=70_000)
     provider = provider_with(data)
@@ -365,3 +395,142 @@ def test_garbage_never_crashes_the_server(harness: Harness) -> None:
     _alive(harness, server)
     assert server.metrics.active_connections <= 2
     assert HEADER.size == 32
+
+
+# -- ranged GETs (a slice of a block) ---------------------------------------------------------
+
+RANGED_BLOCK = 300_000  # four whole 64 KiB checksum chunks and a short last one
+
+
+def ranged(key: str, offset: int, length: int, block_length: int = RANGED_BLOCK, token: str = "v1") -> BlockRequest:
+    return BlockRequest(key, token, length, offset=offset, block_length=block_length)
+
+
+def cache_provider(tmp_path, data: bytes):  # type: ignore[no-untyped-def]
+    """A CacheProvider over a real BlockCache holding ``data`` as block ``whole:0``
+    and as two pieces of block ``parts:0`` (bytes [0, 131072) and [131072, end))."""
+    from shoal.cache import BlockCache, CacheConfig
+    from shoal.transport import CacheProvider
+
+    cache = BlockCache(CacheConfig(directory=tmp_path / "cache", block_size=1 << 19))  # a short last block
+    assert cache.put("whole:0", data)
+    assert cache.put_piece("parts:0", 0, data[:131072]) and cache.put_piece("parts:0", 131072, data[131072:])
+    return CacheProvider(cache), cache
+
+
+@pytest.mark.parametrize("offset,size", [
+    (0, 0), (65536, 0), (65536, 1), (131072, 4095), (65536, 70_001), (0, 65536),
+    (262144, RANGED_BLOCK - 262144),  # the short last chunk
+    (196608, RANGED_BLOCK - 196608),  # a whole chunk and the short last one
+    (0, RANGED_BLOCK),  # the whole block, as a range
+    (1, 1), (65535, 2), (100, 70_001), (262145, RANGED_BLOCK - 262145),  # off the 64 KiB chunk grid
+])
+@pytest.mark.parametrize("served_from", ["memory", "cache"])
+def test_ranged_get_sizes(harness: Harness, tmp_path, offset: int, size: int, served_from: str) -> None:
+    data = random.Random(offset + size).randbytes(RANGED_BLOCK)
+    cache = None
+    if served_from == "memory":
+        provider = provider_with({"whole:0": data, "parts:0": data})
+    else:
+        provider, cache = cache_provider(tmp_path, data)
+    try:
+        server = harness.server(provider)
+        client = harness.client()
+        requests = [ranged("whole:0", offset, size), ranged("parts:0", offset, size)]
+        buffers = [memoryview(bytearray(size)) for _ in requests]
+        assert client.fetch(server.address, requests, buffers, timeout=10) == [Outcome.FILLED] * 2
+        assert [bytes(b) for b in buffers] == [data[offset : offset + size]] * 2
+        if size:
+            assert client.metrics.by_transport == {harness.via: 2}
+        if served_from == "cache" and size:
+            counters = provider.counters.snapshot()
+            assert counters["range_hits"] == 2
+            # Zero-copy when the slice starts on a chunk boundary of the file it comes from
+            # (the block's, or the one piece covering it; both start on a boundary here).
+            one_piece = offset + size <= 131072 or offset >= 131072
+            on_grid = offset % 65536 == 0
+            assert counters.get("sendfile_hits", 0) == (on_grid + (on_grid and one_piece))
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def test_ranged_get_outside_the_block_is_rejected(harness: Harness) -> None:
+    data = random.Random(1).randbytes(RANGED_BLOCK)
+    server = harness.server(provider_with({"k": data}))
+    client = harness.client()
+    bad = [
+        ranged("k", 393216, 1),                          # offset past the block's end
+        ranged("k", RANGED_BLOCK + 1, 0),                # an empty range past the end
+        ranged("k", 262144, RANGED_BLOCK - 262144 + 1),  # one byte past the end
+        ranged("k", 65536, 10, block_length=2 * MAX),    # a block larger than the server serves
+    ]
+    buffers = [memoryview(bytearray(r.length)) for r in bad]
+    assert client.fetch(server.address, bad, buffers, timeout=10) == [Outcome.REJECTED] * 4
+    assert server.metrics.statuses.get("rejected") == 4
+    too_big = ranged("k", 0, MAX + 1, block_length=MAX + 1)  # the client does not even ask
+    assert client.fetch(server.address, [too_big], [memoryview(bytearray(MAX + 1))], timeout=10) == [
+        Outcome.REJECTED]
+    assert server.metrics.statuses.get("rejected") == 4
+    good = ranged("k", 131072, 5)  # the connection is still in sync
+    buffer = memoryview(bytearray(5))
+    assert client.fetch(server.address, [good], [buffer], timeout=10) == [Outcome.FILLED]
+    assert bytes(buffer) == data[131072:131077]
+
+
+def test_ranged_get_of_another_version_or_length_is_stale(harness: Harness) -> None:
+    data = random.Random(2).randbytes(RANGED_BLOCK)
+    server = harness.server(provider_with({"k": data}))
+    client = harness.client()
+    requests = [ranged("k", 0, 100, token="v2"), ranged("k", 0, 100, block_length=RANGED_BLOCK - 1),
+                ranged("missing", 0, 100)]
+    buffers = [memoryview(bytearray(100)) for _ in requests]
+    assert client.fetch(server.address, requests, buffers, timeout=10) == [
+        Outcome.STALE, Outcome.STALE, Outcome.NOT_FOUND]
+
+
+def test_ranged_get_corrupt_slice_is_caught(harness: Harness, tmp_path) -> None:
+    """A flipped byte inside the slice: the owner sends the file as is, the requester's
+    check fails.  A flipped byte in the cut last chunk, outside the slice: the owner's
+    check of that chunk fails, and it drops the block instead of serving it."""
+    data = random.Random(3).randbytes(RANGED_BLOCK)
+    provider, cache = cache_provider(tmp_path, data)
+    try:
+        server = harness.server(provider)
+        client = harness.client()
+        [path] = [p for p in (tmp_path / "cache").rglob("*.val") if p.stat().st_size > RANGED_BLOCK]
+        raw = bytearray(path.read_bytes())
+        raw[70_000] ^= 0xFF  # inside chunk 1
+        path.write_bytes(bytes(raw))
+        buffer = memoryview(bytearray(65536))
+        assert client.fetch(server.address, [ranged("whole:0", 65536, 65536)], [buffer],
+                            timeout=10) == [Outcome.CORRUPT]
+        assert client.fetch(server.address, [ranged("whole:0", 0, 65536)], [memoryview(bytearray(65536))],
+                            timeout=10) == [Outcome.FILLED]  # other chunks are fine
+        assert client.fetch(server.address, [ranged("whole:0", 0, 65536 + 100)],
+                            [memoryview(bytearray(65636))], timeout=10) == [Outcome.NOT_FOUND]
+        assert cache.metrics.corrupt_blocks == 1 and not cache.contains("whole:0")
+        # Off the chunk grid the owner reads and checks the chunks itself: a bad one is never sent.
+        assert client.fetch(server.address, [ranged("parts:0", 10, 100)], [memoryview(bytearray(100))],
+                            timeout=10) == [Outcome.FILLED]
+        [piece] = [p for p in (tmp_path / "cache").rglob("*.val") if 131072 < p.stat().st_size < 131200]
+        raw = bytearray(piece.read_bytes())  # the piece holding bytes [0, 131072)
+        raw[20_000] ^= 0xFF
+        piece.write_bytes(bytes(raw))
+        assert client.fetch(server.address, [ranged("parts:0", 10, 100)], [memoryview(bytearray(100))],
+                            timeout=10) == [Outcome.NOT_FOUND]
+        assert cache.metrics.corrupt_blocks == 2
+    finally:
+        cache.close()
+
+
+def test_ranged_get_to_a_server_without_ranges_is_unsupported(harness: Harness) -> None:
+    asked: list[int] = []
+    peer = FakePeer(lambda sock, header, meta: asked.append(header.req_id))  # offers no CAP_RANGE
+    try:
+        client = harness.client()
+        outcomes = client.fetch(peer.address, [ranged("k", 0, 10)], [memoryview(bytearray(10))], timeout=5)
+        assert outcomes == [Outcome.UNSUPPORTED]
+        assert asked == []  # never sent: an older server would drop the connection on the flag
+    finally:
+        peer.close()

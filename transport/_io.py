@@ -11,9 +11,9 @@ from .protocol import HEADER, Header, Limits, check_meta, decode_header
 
 __all__ = ["configure", "recv_into_exact", "read_frame", "drain", "Idle", "set_blocking_timeouts"]
 
+WAITALL = getattr(socket, "MSG_WAITALL", 0)
 #: SO_SNDBUF/SO_RCVBUF for peer connections (0: the kernel's autotuning);
 #: ``SHOAL_TCP_BUFFER`` overrides.  See benchmarks/RESULTS.md, "Transport".
-_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _SOCKET_BUFFER = int(os.environ.get("SHOAL_TCP_BUFFER", str(4 << 20)))
 
 
@@ -43,7 +43,7 @@ def recv_into_exact(sock: socket.socket, view: memoryview, *, idle_ok: bool = Fa
     total = len(view)
     # A blocking socket (timeouts by SO_RCVTIMEO, see set_blocking_timeouts) can wait
     # for the whole body in one call: one wakeup into Python per body, not per segment.
-    flags = _WAITALL if sock.gettimeout() is None else 0
+    flags = WAITALL if sock.gettimeout() is None else 0
     while got < total:
         try:
             n = sock.recv_into(view[got:], total - got, flags)

@@ -54,7 +54,8 @@ class Outcome(enum.Enum):
     UNAVAILABLE = "unavailable"  # cannot connect, connection lost, QP error, owner failure
     TIMEOUT = "timeout"          # no answer in time
     CORRUPT = "corrupt"          # bytes arrived but failed the checksums
-    REJECTED = "rejected"        # invalid request (too large, malformed key)
+    REJECTED = "rejected"        # invalid request (too large, malformed key, range outside the block)
+    UNSUPPORTED = "unsupported"  # the peer does not serve this kind of request (a ranged GET): ask for the block
 
     @classmethod
     def from_status(cls, status: Status) -> "Outcome":
@@ -135,7 +136,7 @@ class Origin:
     def decode(cls, data: bytes) -> "Origin":
         try:
             raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nesting fits in 8 KiB
             raise ProtocolError("origin is not valid JSON") from exc
         if not isinstance(raw, dict):
             raise ProtocolError("origin must be an object")
@@ -165,12 +166,22 @@ def _typed(raw: Mapping[str, Any], name: str, kind: Any, optional: bool = False)
 
 @dataclass(frozen=True)
 class BlockRequest:
-    """One block wanted from a peer: its cache key, version token and exact length."""
+    """One block wanted from a peer: its cache key, version token and exact length.
+
+    A *ranged* request (``block_length`` set) wants only bytes
+    ``[offset, offset + length)`` of a block of exactly ``block_length`` bytes.
+    """
 
     key: str
     token: str
     length: int
     origin: Origin | None = None
+    offset: int = 0
+    block_length: int | None = None
+
+    @property
+    def ranged(self) -> bool:
+        return self.block_length is not None
 
 
 @dataclass

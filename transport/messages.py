@@ -8,7 +8,7 @@ from typing import Sequence
 from .base import BlockRequest, Origin
 from .errors import ProtocolError
 from .protocol import (
-    FLAG_FILL, FLAG_RDMA, HARD_MAX_PAYLOAD, MAX_KEY, MAX_ORIGIN, MAX_TEXT, MAX_TOKEN, NONCE_BYTES,
+    FLAG_FILL, FLAG_RANGE, FLAG_RDMA, HARD_MAX_PAYLOAD, MAX_KEY, MAX_ORIGIN, MAX_TEXT, MAX_TOKEN, NONCE_BYTES,
     Reader, Status, Writer,
 )
 
@@ -51,7 +51,11 @@ class RdmaSlot:
 
 
 def encode_get(request: BlockRequest, slot: RdmaSlot | None = None) -> tuple[bytes, int]:
-    """GET metadata and flags for one request."""
+    """GET metadata and flags for one request.
+
+    Layout: length u32 | key | token | [origin, FLAG_FILL] | [slot, FLAG_RDMA]
+    | [offset u32, block length u32, FLAG_RANGE]: a request without a range is
+    encoded exactly as before ranges existed."""
     flags = 0
     w = Writer().u32(request.length).text(request.key, MAX_KEY).text(request.token, MAX_TOKEN)
     if request.origin is not None:
@@ -60,12 +64,16 @@ def encode_get(request: BlockRequest, slot: RdmaSlot | None = None) -> tuple[byt
     if slot is not None:
         flags |= FLAG_RDMA
         w.u64(slot.addr).u32(slot.rkey).u32(slot.length)
+    if request.block_length is not None:
+        flags |= FLAG_RANGE
+        w.u32(request.offset).u32(request.block_length)
     return w.getvalue(), flags
 
 
 def decode_get(meta: bytes, flags: int) -> tuple[BlockRequest, RdmaSlot | None]:
-    """Parse GET metadata; raises :class:`ProtocolError` when malformed."""
-    if flags & ~(FLAG_FILL | FLAG_RDMA):
+    """Parse GET metadata; raises :class:`ProtocolError` when malformed.  (Whether a
+    range lies inside its block is the server's check: a per-request REJECTED.)"""
+    if flags & ~(FLAG_FILL | FLAG_RDMA | FLAG_RANGE):
         raise ProtocolError(f"unknown GET flags {flags:#x}")
     r = Reader(meta)
     length = r.u32()
@@ -73,10 +81,12 @@ def decode_get(meta: bytes, flags: int) -> tuple[BlockRequest, RdmaSlot | None]:
     token = r.text(MAX_TOKEN)
     origin = Origin.decode(r.blob(MAX_ORIGIN)) if flags & FLAG_FILL else None
     slot = RdmaSlot(r.u64(), r.u32(), r.u32()) if flags & FLAG_RDMA else None
+    offset, block_length = (r.u32(), r.u32()) if flags & FLAG_RANGE else (0, None)
     r.done()
     if not key:
         raise ProtocolError("empty block key")
-    return BlockRequest(key=key, token=token, length=length, origin=origin), slot
+    return BlockRequest(key=key, token=token, length=length, origin=origin, offset=offset,
+                        block_length=block_length), slot
 
 
 @dataclass(frozen=True)

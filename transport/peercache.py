@@ -8,6 +8,9 @@ store itself, fills its own cache and answers: the store is read once per
 block for the whole cluster, and later readers on any node get it from the
 owner.  Whatever the peers cannot deliver (not found, stale, busy, corrupt,
 unavailable, timed out) the reader fetches from the store as before.
+Scattered reads (Parquet column chunks) ask for *pieces*, byte ranges of a
+block (:meth:`PeerTier.fetch_pieces`): only those bytes cross the network,
+and an owner that misses fills and keeps just that range.
 
 Guarantees: a peer problem is a miss, never a failed read and never wrong
 bytes (the version token and exact length travel with every request and
@@ -25,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 from .base import (
     BlockRequest, BlockTransport, LatencyHistogram, Origin, Outcome, PeerAddress, load_secret, transport_mode,
@@ -81,8 +84,13 @@ class PeerConfig:
 class PeerMetrics:
     """Counters of the peer tier (the local and store tiers count in the cache's metrics)."""
 
+    #: Blocks and pieces delivered, and their bytes (as the reader received them).
     peer_hits: int = 0
     peer_bytes: int = 0
+    #: Of ``peer_hits``: pieces (ranged GETs).
+    piece_hits: int = 0
+    #: Pieces asked of an owner that does not serve ranges (its whole blocks were fetched).
+    ranges_unsupported: int = 0
     peer_misses: int = 0
     stale: int = 0
     corrupt: int = 0
@@ -108,10 +116,22 @@ class PeerMetrics:
 
 _SHARED_SCHEMES = ("s3://", "s3a://")
 
+
+class _Want(NamedTuple):
+    """Bytes ``[lo, hi)`` of block ``index`` (``block_length`` bytes); ``ranged``: a piece."""
+
+    index: int
+    key: str
+    lo: int
+    hi: int
+    block_length: int
+    ranged: bool
+
+
 _OUTCOME_COUNTER = {
     Outcome.NOT_FOUND: "peer_misses", Outcome.STALE: "stale", Outcome.CORRUPT: "corrupt",
     Outcome.BUSY: "busy", Outcome.UNAVAILABLE: "unavailable", Outcome.TIMEOUT: "timeouts",
-    Outcome.REJECTED: "peer_misses",
+    Outcome.REJECTED: "peer_misses", Outcome.UNSUPPORTED: "peer_misses",
 }
 
 
@@ -144,17 +164,38 @@ class PeerTier:
     def fetch_blocks(self, source: "ObjectSource", version: "ObjectVersion", block_size: int,
                      wanted: Sequence[tuple[int, str, int]]) -> dict[int, memoryview]:
         """Blocks ``(index, key, length)`` of ``version`` that owner peers delivered."""
+        return self._fetch(source, version, block_size,
+                           [_Want(index, key, 0, length, length, False) for index, key, length in wanted])
+
+    def fetch_pieces(self, source: "ObjectSource", version: "ObjectVersion", block_size: int,
+                     wanted: Sequence[tuple[int, str, int, int]]) -> dict[int, memoryview]:
+        """Pieces ``(index, key, lo, hi)`` (bytes ``[lo, hi)`` of block ``index``, one
+        piece per block) that owner peers delivered, each exactly ``hi - lo`` bytes.
+
+        Each is one ranged GET for exactly those bytes: an owner that misses fills
+        that range from the store and keeps it as a piece, so the next request for
+        the same column chunk, from any node, is sent straight from that piece's
+        file.  An owner that does not serve ranges is asked for the whole block."""
+        wants = []
+        for index, key, lo, hi in wanted:
+            block_length = min(block_size, version.size - index * block_size)
+            if 0 <= lo <= hi <= block_length:
+                wants.append(_Want(index, key, lo, hi, block_length, True))
+        return self._fetch(source, version, block_size, wants)
+
+    def _fetch(self, source: "ObjectSource", version: "ObjectVersion", block_size: int,
+               wanted: list[_Want]) -> dict[int, memoryview]:
         if not version.url.startswith(_SHARED_SCHEMES):
             return {}  # local and in-memory objects are not shared between peers
-        by_owner: dict[PeerAddress, list[tuple[int, str, int]]] = {}
-        for index, key, length in wanted:
-            owner = self.membership.owner(key)
+        by_owner: dict[PeerAddress, list[_Want]] = {}
+        for want in wanted:
+            owner = self.membership.owner(want.key)
             if owner is None:
                 self.metrics.add(no_live_peer=1)
             elif self.membership.is_self(owner):
                 self.metrics.add(self_owned=1)
             else:
-                by_owner.setdefault(owner, []).append((index, key, length))
+                by_owner.setdefault(owner, []).append(want)
         if not by_owner:
             return {}
         found: dict[int, memoryview] = {}
@@ -169,15 +210,21 @@ class PeerTier:
         return found
 
     def _fetch_from(self, owner: PeerAddress, source: "ObjectSource", version: "ObjectVersion", block_size: int,
-                    items: list[tuple[int, str, int]]) -> dict[int, memoryview]:
+                    items: list[_Want]) -> dict[int, memoryview]:
         requests = []
-        for index, key, length in items:
+        for want in items:
             origin = None
             if self.config.fill:
                 origin = Origin(store_id=source.store_id, url=version.url, size=version.size, block_size=block_size,
-                                index=index, etag=version.etag, version_id=version.version_id, mtime=version.mtime)
-            requests.append(BlockRequest(key=key, token=version.token, length=length, origin=origin))
-        buffers = [memoryview(bytearray(length)) for _, _, length in items]
+                                index=want.index, etag=version.etag, version_id=version.version_id,
+                                mtime=version.mtime)
+            if want.ranged:
+                requests.append(BlockRequest(key=want.key, token=version.token, length=want.hi - want.lo,
+                                             origin=origin, offset=want.lo, block_length=want.block_length))
+            else:
+                requests.append(BlockRequest(key=want.key, token=version.token, length=want.block_length,
+                                             origin=origin))
+        buffers = [memoryview(bytearray(request.length)) for request in requests]
         start = time.monotonic()
         try:
             outcomes = self.transport.fetch(owner, requests, buffers, timeout=self.config.timeout)
@@ -188,10 +235,13 @@ class PeerTier:
             return {}
         self.metrics.latency.add(time.monotonic() - start)
         found: dict[int, memoryview] = {}
-        for (index, _, length), outcome, buffer in zip(items, outcomes, buffers):
+        unsupported: list[_Want] = []
+        for want, outcome, buffer in zip(items, outcomes, buffers):
             if outcome is Outcome.FILLED:
-                found[index] = buffer[:length]
-                self.metrics.add(peer_hits=1, peer_bytes=length)
+                found[want.index] = buffer[: want.hi - want.lo]
+                self.metrics.add(peer_hits=1, peer_bytes=want.hi - want.lo, piece_hits=1 if want.ranged else 0)
+            elif outcome is Outcome.UNSUPPORTED:
+                unsupported.append(want)
             else:
                 self.metrics.add(**{_OUTCOME_COUNTER[outcome]: 1})
         if any(o is Outcome.UNAVAILABLE for o in outcomes):
@@ -200,6 +250,16 @@ class PeerTier:
             self.membership.mark_down(owner, "timed out")
         elif found:
             self.membership.mark_up(owner)
+        if unsupported:  # an owner without ranged GETs: its whole blocks, sliced here
+            self.metrics.add(ranges_unsupported=len(unsupported))
+            blocks = self._fetch_from(owner, source, version, block_size,
+                                      [_Want(w.index, w.key, 0, w.block_length, w.block_length, False)
+                                       for w in unsupported])
+            for want in unsupported:
+                if want.index in blocks:
+                    found[want.index] = blocks[want.index][want.lo : want.hi]
+                    # counted as a block of block_length bytes; the reader gets the piece
+                    self.metrics.add(peer_bytes=(want.hi - want.lo) - want.block_length)
         return found
 
     # -- stats ------------------------------------------------------------------

@@ -23,6 +23,17 @@ each side proves it knows the cluster secret and neither answer can be
 replayed as the other.  Then ``GET`` / ``BLOCK`` (pipelined, matched by
 request id, answered in any order), ``PING`` / ``PONG``, ``STATS``, and the
 RDMA handshake ``RDMA_CONNECT`` / ``RDMA_ACCEPT`` / ``RDMA_REJECT``.
+
+Ranged GETs (``FLAG_RANGE``, offered by servers that set ``CAP_RANGE``) ask
+for bytes ``[offset, offset + length)`` of a block instead of all of it (a
+Parquet column chunk).  When the slice starts on a checksum-chunk boundary of
+the file the owner keeps it in (the piece it was filled as, or a block), the
+owner sends it straight from that file with the sums it stored for the chunks
+the slice covers (and, for a last chunk cut short, the sum of the part sent,
+after checking the whole chunk); otherwise it reads the covering chunks,
+checks them against the stored sums and sends the slice with sums of its own.
+A client never sends one to a server that did not offer it (older servers
+refuse unknown flags).
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from .errors import FrameTooLarge, ProtocolError
 
 __all__ = [
     "MAGIC", "VERSION", "HEADER", "MsgType", "Status", "Header", "Limits",
-    "FLAG_FILL", "FLAG_RDMA", "CAP_RDMA", "CHUNK",
+    "FLAG_FILL", "FLAG_RDMA", "FLAG_RANGE", "CAP_RDMA", "CAP_RANGE", "CHUNK",
     "encode_frame", "decode_header", "check_meta", "Writer", "Reader",
     "chunk_sums", "verify_chunks", "auth_mac",
 ]
@@ -56,8 +67,12 @@ FLAG_FILL = 0x1
 #: GET: deliver the data by RDMA WRITE into the slot named in the metadata;
 #: BLOCK: the data was written by RDMA (no payload follows).
 FLAG_RDMA = 0x2
+#: GET: a byte range of the block (offset and block length follow in the metadata).
+FLAG_RANGE = 0x4
 #: Capability bit in HELLO / CHALLENGE: this side can do RDMA.
 CAP_RDMA = 0x1
+#: Capability bit in CHALLENGE: this server answers ranged GETs (``FLAG_RANGE``).
+CAP_RANGE = 0x2
 
 #: Checksum granularity when the sender computes the checksums itself.
 CHUNK = 64 << 10

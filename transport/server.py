@@ -6,7 +6,8 @@ Threads, per connection: one reader (parses frames, answers PING/STATS and
 BUSY inline, hands GETs to a shared handler pool) and one writer (sends
 responses in completion order, so answers are naturally out of order; block
 bodies go out with ``sendfile`` straight from the cache file when the
-provider hands over a file).  Nothing a client sends can crash the server: a
+provider hands over a file; for a ranged GET, only the slice asked for, with
+the stored sums of the chunks it covers).  Nothing a client sends can crash the server: a
 malformed frame closes that connection (after an ERROR frame), counted in
 :attr:`BlockServer.metrics`.
 """
@@ -32,8 +33,8 @@ from .messages import (
     ERR_AUTH, ERR_PROTOCOL, BlockReply, Hello, RdmaSlot, decode_get, encode_error,
 )
 from .protocol import (
-    CAP_RDMA, CLIENT_TYPES, FLAG_RDMA, MAX_TEXT, NONCE_BYTES, Limits, MsgType, Status, auth_mac,
-    chunk_sums, encode_frame,
+    CAP_RANGE, CAP_RDMA, CLIENT_TYPES, FLAG_RDMA, MAX_TEXT, NONCE_BYTES, Limits, MsgType, Status,
+    auth_mac, chunk_sums, encode_frame,
 )
 
 __all__ = ["BlockServer", "ServerConfig", "ServerMetrics", "RdmaAcceptor", "RdmaServerSession"]
@@ -276,7 +277,7 @@ class _ServerConnection:
         if header.type is not MsgType.HELLO:
             raise ProtocolError(f"expected HELLO, got {header.type.name}")
         hello = Hello.decode(hello_meta)
-        caps = CAP_RDMA if self.server.rdma is not None else 0
+        caps = CAP_RANGE | (CAP_RDMA if self.server.rdma is not None else 0)
         challenge = Hello(secrets.token_bytes(NONCE_BYTES), caps, self.config.max_block,
                           self.config.max_inflight, self.config.node).encode()
         self.sock.sendall(encode_frame(MsgType.CHALLENGE, 0, challenge))
@@ -336,7 +337,7 @@ class _ServerConnection:
             self._reply(req_id, BlockReply(Status.BUSY, detail="too many requests in flight"))
             return
         fast = getattr(self.server.provider, "lookup_fast", None)
-        if fast is not None and slot is None and request.length <= self.config.max_block:
+        if fast is not None and slot is None and self._refusal(request) is None:
             # Cache hits are answered right here, on the connection's reader thread:
             # one thread handoff less per block (this connection's sends are serial anyway).
             try:
@@ -354,11 +355,23 @@ class _ServerConnection:
 
     # -- handlers -------------------------------------------------------------
 
+    def _refusal(self, request: BlockRequest) -> str | None:
+        """Why a request is invalid (answered REJECTED), or None."""
+        if request.length > self.config.max_block:
+            return f"block larger than {self.config.max_block}"
+        if request.block_length is not None:
+            if request.block_length > self.config.max_block:
+                return f"block larger than {self.config.max_block}"
+            if request.offset + request.length > request.block_length:
+                return f"range {request.offset}+{request.length} is not inside a block of {request.block_length} bytes"
+        return None
+
     def _serve_one(self, req_id: int, request: BlockRequest, slot: RdmaSlot | None,
                    served: ServedBlock | None = None) -> None:
         try:
-            if request.length > self.config.max_block:
-                self._reply(req_id, BlockReply(Status.REJECTED, detail=f"block larger than {self.config.max_block}"))
+            refusal = self._refusal(request)
+            if refusal is not None:
+                self._reply(req_id, BlockReply(Status.REJECTED, detail=refusal))
                 return
             if slot is not None and (self.rdma_session is None or slot.length < request.length):
                 self._reply(req_id, BlockReply(Status.REJECTED, detail="bad RDMA slot"))

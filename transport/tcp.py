@@ -5,7 +5,9 @@ fetch spreads its requests over them, sends each connection's GETs in one
 write (pipelining), and waits; one reader thread per connection matches
 answers to requests by id, in whatever order they come, and receives each
 body with ``recv_into`` straight into the caller's buffer, checking the
-per-chunk checksums as the bytes arrive (:mod:`._connection`).
+per-chunk checksums as the bytes arrive (:mod:`._connection`).  Ranged
+requests (a slice of a block) go only to servers that offered ``CAP_RANGE``;
+for others they are answered ``UNSUPPORTED`` without asking.
 
 A request that is not answered by the deadline is *abandoned*: its answer,
 if it ever comes, is drained into a scratch buffer, never into the caller's
@@ -41,7 +43,7 @@ from ._connection import (
 from .base import BlockRequest, BlockTransport, Outcome, PeerAddress, TransportMetrics
 from .errors import AuthenticationFailed, PeerUnavailable, ProtocolError, RdmaError, TransportError, TransportTimeout
 from .messages import ERR_AUTH, Hello, decode_error
-from .protocol import CAP_RDMA, HARD_MAX_PAYLOAD, NONCE_BYTES, Limits, MsgType, auth_mac, encode_frame
+from .protocol import CAP_RANGE, CAP_RDMA, HARD_MAX_PAYLOAD, NONCE_BYTES, Limits, MsgType, auth_mac, encode_frame
 from .server import CLIENT_LABEL, SERVER_LABEL
 
 __all__ = ["TcpTransport", "ClientConfig", "RdmaConnector", "RdmaClientSession"]
@@ -285,6 +287,13 @@ class TcpTransport(BlockTransport):
             for i in indices:
                 outcomes[i] = Outcome.UNAVAILABLE
             return []
+        if not conns[0].server.caps & CAP_RANGE:  # an older server would refuse the frame: ask for blocks
+            for i in indices:
+                if requests[i].ranged:
+                    outcomes[i] = Outcome.UNSUPPORTED
+            indices = [i for i in indices if not requests[i].ranged]
+            if not indices:
+                return []
         use_rdma = use_rdma and time.monotonic() >= state.demoted_until
         batch = _Batch(len(indices))
         per_conn: dict[int, list[tuple[int, _Pending]]] = {}

@@ -10,8 +10,10 @@ the object store from the usual AWS variables (``AWS_ENDPOINT_URL_S3``...).
 A request for a block the worker does not have, that says where the block
 comes from, is filled from the object store into the worker's cache and
 then served (the worker is that block's owner): concurrent requests for one
-block wait for one store read.  The worker never forwards a request to
-another peer, so requests cannot loop.
+block wait for one store read.  A ranged request (a slice of a block, e.g.
+one Parquet column chunk) is filled as exactly that slice and kept as a
+piece of the block, as a local reader keeps the pieces it reads.  The
+worker never forwards a request to another peer, so requests cannot loop.
 
 This module imports the cache layer (it is an entry point, like the CLI);
 the rest of :mod:`shoal.transport` does not.
@@ -111,8 +113,10 @@ class StoreFiller:
             return ServedBlock(Status.REJECTED, detail="key does not match the origin")
         start = origin.index * bs
         end = min(start + bs, origin.size)
-        if end - start != request.length:
+        if end - start != (request.block_length if request.ranged else request.length):
             return ServedBlock(Status.REJECTED, detail="length does not match the origin")
+        if request.ranged:  # the slice only (kept as a piece of the block)
+            start, end = start + request.offset, start + request.offset + request.length
         try:
             data = reader.read(source, version, start, end)
         except ObjectChangedError:

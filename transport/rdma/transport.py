@@ -27,6 +27,10 @@ Why WRITE-by-owner:
   requester's receive region (its own slots only); acceptable inside a
   cluster that shares a secret.
 
+Ranged GETs (a slice of a block) take the same path: the owner stages and
+WRITEs only the slice (``ServedBlock.offset``/``length``), and the BLOCK
+answer carries the sums of the chunks it covers.
+
 Slot recycling: a requester frees a slot when the answer for it arrives (or
 the connection dies, which destroys the QP so no WRITE can land any more).
 A timed-out request keeps its slot reserved until its late answer.  An
