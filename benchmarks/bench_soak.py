@@ -108,11 +108,11 @@ def worker_loader(spec: dict[str, Any]) -> None:
                         region="us-east-1", read_timeout=spec["read_timeout"], max_attempts=spec["max_attempts"])
     cache = CacheConfig(directory=spec["cache_dir"], size_limit=spec["cache_limit"], memory_size=4 * MiB)
     epoch = 0
+    ds = ShoalDataset(f"s3://{BUCKET}/tpch/orders/*.parquet", batch_size=4096,
+                      columns=["o_orderkey", "o_totalprice"], shuffle=True, seed=7, cache=cache, store=store)
     while time.time() < spec["deadline"]:
         started = time.perf_counter()
         try:
-            ds = ShoalDataset(f"s3://{BUCKET}/tpch/orders/*.parquet", batch_size=4096,
-                              columns=["o_orderkey", "o_totalprice"], shuffle=True, seed=7, cache=cache, store=store)
             ds.set_epoch(epoch)
             rows = total = 0
             for batch in ShoalDataLoader(ds, num_workers=2):
@@ -127,6 +127,7 @@ def worker_loader(spec: dict[str, Any]) -> None:
             _emit({"event": "epoch", "ok": not wrong, "wrong": wrong, "rows": rows, "expected_rows": want_rows,
                    "s": time.perf_counter() - started})
         epoch += 1
+    ds.close()
 
 
 # -- orchestration -----------------------------------------------------------------------
