@@ -387,6 +387,10 @@ class BlockReader:
             for future in futures.values():
                 future.set_exception(exc)
             raise
+        # Counted before any waiting reader is woken: what it read is in the metrics when it returns.
+        total = sum(len(p) for p in payloads)
+        self.metrics.add(misses=len(wanted), bytes_from_store=total, store_requests=len(ranges))
+        self.ledger.add(version.url, bytes_from_store=total, store_requests=len(ranges), blocks_missed=len(wanted))
         out: dict[int, memoryview] = {}
         for run, (begin, _), payload in zip(runs, ranges, payloads):
             view = memoryview(payload)
@@ -395,9 +399,6 @@ class BlockReader:
                 out[index] = piece
                 futures[index].set_result(piece)  # type: ignore[arg-type]
                 self._store_piece(f"{object_key}:{index}", lo, piece, futures[index])
-        total = sum(len(p) for p in payloads)
-        self.metrics.add(misses=len(wanted), bytes_from_store=total, store_requests=len(ranges))
-        self.ledger.add(version.url, bytes_from_store=total, store_requests=len(ranges), blocks_missed=len(wanted))
         return out
 
     def _drop_piece(self, key: str, future: Future[bytes]) -> None:
