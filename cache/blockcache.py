@@ -558,15 +558,23 @@ class BlockCache:
             found = self._read_from_pieces(block_key, known, lo, hi)
             if found is not None:
                 return found
+        pieces = self._load_pieces(block_key)
+        if pieces is None:
+            return None
+        return self._read_from_pieces(block_key, pieces, lo, hi)
+
+    def _load_pieces(self, block_key: str) -> tuple[tuple[int, int], ...] | None:
+        """The block's piece list from its index entry (another process may have
+        added pieces since this one last looked), remembered; None if none."""
         try:
-            raw = self._cache.get(f"{block_key}#p", default=None, retry=True)
+            raw = self._cache.get(f"{block_key}#p", default=None, retry=True)  # type: ignore[union-attr]
         except (OSError, sqlite3.Error, diskcache.Timeout):
             return None
         if not raw:
             return None
         pieces = tuple(sorted(struct.iter_unpack("<II", raw)))
         self._remember_pieces(block_key, pieces)
-        return self._read_from_pieces(block_key, pieces, lo, hi)
+        return pieces
 
     def has_pieces(self, block_key: str) -> bool:
         """Whether any piece of the block is stored (its piece index exists)."""
@@ -590,14 +598,9 @@ class BlockCache:
         with self._open_lock:
             pieces = self._piece_lists.get(block_key)
         if pieces is None:
-            try:
-                raw = self._cache.get(f"{block_key}#p", default=None, retry=True)
-            except (OSError, sqlite3.Error, diskcache.Timeout):
+            pieces = self._load_pieces(block_key)
+            if pieces is None:
                 return False
-            if not raw:
-                return False
-            pieces = tuple(sorted(struct.iter_unpack("<II", raw)))
-            self._remember_pieces(block_key, pieces)
         position = lo
         for start, end in pieces:  # sorted: one piece, or neighbours, must reach hi
             if start <= position < end:
@@ -622,16 +625,9 @@ class BlockCache:
             found = self._open_covering(block_key, known, lo, hi)
             if found is not None:
                 return found
-        try:  # another process may have stored it since
-            raw = self._cache.get(f"{block_key}#p", default=None, retry=True)
-        except (OSError, sqlite3.Error, diskcache.Timeout):
+        pieces = self._load_pieces(block_key)  # another process may have stored it since
+        if pieces is None or pieces == known:
             return None
-        if not raw:
-            return None
-        pieces = tuple(sorted(struct.iter_unpack("<II", raw)))
-        if pieces == known:
-            return None
-        self._remember_pieces(block_key, pieces)
         return self._open_covering(block_key, pieces, lo, hi)
 
     def _open_covering(self, block_key: str, pieces: tuple[tuple[int, int], ...], lo: int, hi: int

@@ -127,3 +127,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "s3_endpoint" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.s3)
+
+
+# -- TPC-H SF 0.01 (engine, Ray executor and Ray cluster tests) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def tpch_dir() -> Path:
+    """Local Parquet TPC-H data at SF 0.01 (generated once, see tests/tpch_fixtures.py)."""
+    from tpch_fixtures import generate
+
+    return generate(0.01)
+
+
+@pytest.fixture(scope="session")
+def reference(tpch_dir: Path) -> dict[str, list[tuple]]:
+    """DuckDB's answers to the 22 queries over the local files."""
+    from tpch_fixtures import answers, queries
+
+    con = answers.connect_reference(tpch_dir)
+    return {name: answers.reference_results(tpch_dir, sql, con) for name, sql in queries().items()}

@@ -12,20 +12,9 @@ import pytest
 from shoal.cache import CacheConfig, StoreConfig
 from shoal.engine import Session
 
-from tpch_fixtures import TPCH_TABLES, answers, generate, queries, upload  # type: ignore[import-not-found]
+from tpch_fixtures import TPCH_TABLES, answers, queries, upload  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def tpch_dir() -> Path:
-    return generate(0.01)
-
-
-@pytest.fixture(scope="session")
-def reference(tpch_dir: Path) -> dict[str, list[tuple]]:
-    con = answers.connect_reference(tpch_dir)
-    return {name: answers.reference_results(tpch_dir, sql, con) for name, sql in queries().items()}
 
 
 @pytest.fixture(scope="session")

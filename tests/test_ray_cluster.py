@@ -36,7 +36,7 @@ from shoal.engine.ray_spill import SPILL_DIR, check_spill_url, spill_base, spill
 from shoal.engine.worker import ScanTask  # noqa: E402
 from shoal.transport import load_secret  # noqa: E402
 
-from tpch_fixtures import TPCH_TABLES, answers, generate, queries, upload  # type: ignore[import-not-found]  # noqa: E402
+from tpch_fixtures import TPCH_TABLES, answers, queries, upload  # type: ignore[import-not-found]  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ is scripts
 import s3proxy  # noqa: E402
@@ -94,17 +94,6 @@ def ray_cluster() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tpch_dir() -> Path:
-    return generate(0.01)
-
-
-@pytest.fixture(scope="module")
-def reference(tpch_dir: Path) -> dict[str, list[tuple]]:
-    con = answers.connect_reference(tpch_dir)
-    return {name: answers.reference_results(tpch_dir, sql, con) for name, sql in queries().items()}
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from shoal.engine import EXECUTORS, QueryCancelled, Session, WorkerError  # noqa
 from shoal.engine.ray_executor import RayExecutor  # noqa: E402
 from shoal.engine.worker import ScanTask  # noqa: E402
 
-from tpch_fixtures import TPCH_TABLES, answers, generate, queries, upload  # type: ignore[import-not-found]  # noqa: E402
+from tpch_fixtures import TPCH_TABLES, answers, queries, upload  # type: ignore[import-not-found]  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -41,17 +41,6 @@ def ray_cluster() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tpch_dir() -> Path:
-    return generate(0.01)
-
-
-@pytest.fixture(scope="module")
-def reference(tpch_dir: Path) -> dict[str, list[tuple]]:
-    con = answers.connect_reference(tpch_dir)
-    return {name: answers.reference_results(tpch_dir, sql, con) for name, sql in queries().items()}
 
 
 @pytest.fixture(scope="module")
