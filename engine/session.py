@@ -284,8 +284,7 @@ class Session:
             return QueryResult(table=pa.table({"name": [r[0] for r in rows], "url": [r[1] for r in rows]}))
         if match := re.match(r"^\s*(?:DESCRIBE|DESC)\s+(?P<name>\"?[A-Za-z_][A-Za-z0-9_]*\"?)\s*;?\s*$", statement, re.I):
             return self._select(f"DESCRIBE SELECT * FROM {match['name']}", progress)
-        _refuse_unsupported(statement)
-        return self._select(statement, progress)
+        return self._select(statement, progress)  # sql() refused unsupported forms up front
 
     def _create_view(self, name: str, query: str, replace: bool) -> QueryResult:
         if not replace and (name in self.catalog or name.lower() in self._views):
