@@ -28,6 +28,8 @@ import diskcache
 import xxhash
 
 from .config import CacheConfig
+from .index import ObjectIndex
+from .threadlocal import ThreadSlots
 
 __all__ = ["BlockCache", "CacheMetrics"]
 
@@ -174,11 +176,24 @@ class _OpenBlock:
     costs a page fault per 4 KiB.
     """
 
-    __slots__ = ("file", "fd", "length", "chunk", "stored_at", "sums")
+    __slots__ = ("fd", "length", "chunk", "stored_at", "sums")
 
-    def __init__(self, handle: BinaryIO) -> None:
-        self.file = open(os.dup(handle.fileno()), "rb", buffering=0)  # noqa: SIM115 - kept open
-        self.fd = fd = self.file.fileno()
+    def __init__(self, fd: int) -> None:
+        """Takes ownership of ``fd`` (closed when this is collected, or at once if invalid)."""
+        self.fd = fd
+        try:
+            self._verify_footer(fd)
+        except BaseException:
+            self.fd = -1
+            os.close(fd)
+            raise
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _verify_footer(self, fd: int) -> None:
         total = os.fstat(fd).st_size
         if total < _FOOTER.size:
             raise _Corrupt("too short")
@@ -298,6 +313,15 @@ class _GatedCache:
     def __init__(self, directory: str, **settings: Any) -> None:
         with _FORK_GATE:
             self._inner = diskcache.Cache(directory, **settings)
+        old = getattr(self._inner, "_local", None)
+        if isinstance(old, threading.local):
+            # diskcache keeps one SQLite connection per thread in a threading.local,
+            # which DuckDB's native threads lose after every call (see threadlocal.py).
+            slots = ThreadSlots()
+            for name in ("pid", "con"):  # this thread's connection, opened (read-write) just now
+                if hasattr(old, name):
+                    setattr(slots, name, getattr(old, name))
+            self._inner._local = slots
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -330,6 +354,8 @@ def _reset_open_lock(cache: "BlockCache | None") -> None:
     if cache is not None:
         cache._open_lock = threading.Lock()
         cache.metrics._lock = threading.Lock()
+        if cache._index is not None:
+            cache._index.after_fork_in_child()
 
 
 class BlockCache:
@@ -346,6 +372,8 @@ class BlockCache:
         self._flushed: dict[str, int] = {}
         self._open: collections.OrderedDict[str, _OpenBlock] = collections.OrderedDict()
         self._open_lock = threading.Lock()
+        #: Where each object's blocks are, one index query per object (see index.py).
+        self._index: ObjectIndex | None = None
         # A fork while another thread held a lock would leave it held in the
         # child (DataLoader workers): give the child fresh ones.
         this = weakref.ref(self)
@@ -370,6 +398,7 @@ class BlockCache:
             )
             # Counters live apart from the blocks so that eviction never drops them.
             self._stats = _GatedCache(str(config.directory / "stats"), timeout=10)
+            self._index = ObjectIndex(config.directory)
         except (OSError, sqlite3.Error) as exc:
             self._cache = None
             self.metrics.add(write_failures=1)
@@ -435,13 +464,49 @@ class BlockCache:
                 return block
         if self._cache is None:
             return None
+        indexed = self._indexed(key)
+        if indexed is not None:
+            return indexed
         handle = self._cache.get(key, default=None, read=True, retry=True)
         if handle is None or isinstance(handle, bytes):
             return handle
         if isinstance(handle, (bytearray, memoryview)):
             return bytes(handle)
         with handle:
-            block = _OpenBlock(handle)
+            block = _OpenBlock(os.dup(handle.fileno()))
+        with self._open_lock:
+            self._open[key] = block
+            while len(self._open) > _OPEN_BLOCKS:
+                self._open.popitem(last=False)
+        return block
+
+    def _indexed(self, key: str) -> "_OpenBlock | bytes | None":
+        """A block from its object's bulk-loaded index entries (None: ask diskcache)."""
+        if self._index is None:
+            return None
+        object_key = key.split(":", 1)[0]
+        with _FORK_GATE:
+            entries = self._index.entries(object_key)
+        if entries is None:
+            return None
+        if not entries.seeded:
+            entries.seeded = True
+            with self._open_lock:  # piece lists as stored: a read that they miss looks again
+                for entry, raw in entries.inline.items():
+                    if entry.endswith("#p") and entry[:-2] not in self._piece_lists:
+                        self._piece_lists[entry[:-2]] = tuple(sorted(struct.iter_unpack("<II", raw)))
+        inline = entries.inline.get(key)
+        if inline is not None:
+            return inline
+        filename = entries.files.get(key)
+        if filename is None:
+            return None
+        try:
+            fd = os.open(self._index.path_of(filename), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            entries.files.pop(key, None)  # evicted or re-stored since: diskcache knows
+            return None
+        block = _OpenBlock(fd)
         with self._open_lock:
             self._open[key] = block
             while len(self._open) > _OPEN_BLOCKS:
@@ -679,6 +744,8 @@ class BlockCache:
     def _forget(self, key: str) -> None:
         with self._open_lock:
             self._open.pop(key, None)
+        if self._index is not None:
+            self._index.drop(key)
 
     def discard(self, key: str) -> None:
         self._forget(key)
@@ -753,6 +820,8 @@ class BlockCache:
     def close(self) -> None:
         with self._open_lock:
             self._open.clear()
+        if self._index is not None:
+            self._index.close()
         if self._cache is not None:
             self.flush_stats()
             self._cache.close()

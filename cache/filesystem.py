@@ -33,6 +33,7 @@ from .config import CacheConfig, StoreConfig
 from .errors import StorageConfigError, StorageError, translate_store_error
 from .reader import BlockReader, ReadCursor
 from .source import ObjectSource, ObjectVersion, open_source, split_url
+from .threadlocal import ThreadSlots
 
 __all__ = ["ShoalFileSystem", "ShoalFile"]
 
@@ -371,7 +372,7 @@ class ShoalFile(io.RawIOBase):
         self.version = version
         self.path = version.url
         self.size = version.size
-        self._position = threading.local()
+        self._position = ThreadSlots()  # DuckDB's threads lose a threading.local between calls
         self._sequential_end = -1
         self._streak = 0
         self._scanning = False

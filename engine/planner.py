@@ -15,7 +15,7 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import duckdb
 import pyarrow.parquet as pq
@@ -140,13 +140,16 @@ class Planner:
     """Plans queries against a catalog; owns the coordinator's planning connection."""
 
     def __init__(self, fs: ShoalFileSystem, catalog: Catalog, *, workers: int,
-                 allowed_paths: tuple[str, ...] | None = None) -> None:
+                 allowed_paths: tuple[str, ...] | None = None, settings: Mapping[str, str] | None = None) -> None:
+        """``settings``: DuckDB settings for the database (before it is locked down)."""
         self.fs = fs
         self.catalog = catalog
         self.workers = workers
         self.con = duckdb.connect()
         self.con.register_filesystem(fs)
         self.con.execute("SET enable_external_file_cache=false")
+        for name, value in (settings or {}).items():
+            self.con.execute(f"SET {name}={quote_literal(value)}")
         lock_down(self.con, allowed_paths, fs.protocol)
         self.allowed_paths = allowed_paths
         self._listing_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-list")

@@ -34,6 +34,8 @@ from shoal.cache import (
     StoreConfig,
     parse_size,
 )
+from shoal.cache.index import ObjectIndex
+from shoal.cache.threadlocal import ThreadSlots
 
 BS = 64 * 1024  # > diskcache's 32 KiB inline limit, so blocks live in .val files
 CACHE_LOGGER = "shoal.cache.blockcache"
@@ -411,6 +413,7 @@ def test_failing_cache_reads_are_misses(
 
     fs = make_fs()
     monkeypatch.setattr(diskcache.Cache, "get", locked)
+    monkeypatch.setattr(ObjectIndex, "_load", locked)  # the bulk lookup fails too (then per-block ones are tried)
     with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
         assert fs.cat_file(url) == data
     stats = fs.stats()
@@ -708,3 +711,105 @@ def test_sequential_small_reads_stay_verified_and_counted(mem: Any, make_fs: Mak
     assert stats["store_requests"] == 1  # only the damaged block came from the store
     assert stats["bytes_from_cache"] + stats["bytes_from_store"] >= len(data)
     assert stats["hits"] >= 8 * 3  # every read of the three intact blocks, counted at close
+
+
+def test_thread_slots_are_per_thread() -> None:
+    slots = ThreadSlots()
+    slots.value = "main"
+    seen: list[Any] = []
+
+    def other() -> None:
+        seen.append(getattr(slots, "value", None))
+        slots.value = "other"
+        seen.append(slots.value)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen == [None, "other"] and slots.value == "main"
+    del slots.value
+    with pytest.raises(AttributeError):
+        slots.value  # noqa: B018
+
+
+def _count_sqlite_connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """The (thread, database) of each SQLite connection diskcache opens."""
+    import diskcache.core
+
+    calls: list[tuple[int, str]] = []
+    real = sqlite3.connect
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(sqlite3, name)
+
+        def connect(self, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+            calls.append((threading.get_ident(), str(args[0] if args else kwargs.get("database"))))
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(diskcache.core, "sqlite3", Counting())
+    return calls
+
+
+def test_duckdb_threads_keep_their_cache_connections(mem: Any, make_fs: MakeFs, parquet_file: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """DuckDB calls the filesystem from native threads whose Python thread state lives for
+    one call: a threading.local made diskcache open a new SQLite connection per block read."""
+    path, _ = parquet_file
+    url = put_object(mem, "t.parquet", path.read_bytes())
+    fs = make_fs()
+    fs.cat_file(url)
+    fs.reader.flush()
+    connects = _count_sqlite_connects(monkeypatch)
+    warm = make_fs()
+    warm.reader.cache._index = None  # every block through diskcache's own lookup
+    con = duckdb.connect()
+    con.register_filesystem(warm)
+    con.execute("SET threads=4")
+    for _ in range(3):
+        assert con.sql(f"SELECT count(*), sum(small), sum(length(big)) FROM read_parquet('{url}')").fetchall() == [
+            (12_000, sum(i % 7 for i in range(12_000)), 300 * 12_000)]
+    con.close()
+    stats = warm.stats()
+    assert stats["store_requests"] == 0 and stats["hits"] >= 12
+    # One connection per thread and database that touched the cache, not one per read.
+    from_duckdb = [c for c in connects if c[0] != threading.get_ident()]
+    assert from_duckdb and len(from_duckdb) == len(set(from_duckdb)) < stats["hits"] / 2
+
+
+def test_warm_blocks_are_found_with_one_index_query_per_object(mem: Any, make_fs: MakeFs,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    data = payload(8 * BS, seed=41)
+    url = put_object(mem, "obj", data)
+    cold = make_fs()
+    assert cold.cat_file(url) == data
+    cold.reader.flush()
+    loads: list[str] = []
+    real_load = ObjectIndex._load
+    monkeypatch.setattr(ObjectIndex, "_load", lambda self, key: loads.append(key) or real_load(self, key))
+    gets: list[str] = []
+    real_get = diskcache.Cache.get
+    monkeypatch.setattr(diskcache.Cache, "get", lambda self, key, *a, **k: gets.append(key) or real_get(self, key, *a, **k))
+    warm = make_fs()
+    for start in range(0, len(data), BS // 2):  # 16 reads over 8 blocks
+        assert warm.cat_file(url, start, start + BS // 2) == data[start : start + BS // 2]
+    stats = warm.stats()
+    assert stats["store_requests"] == 0 and stats["hits"] == 16
+    assert len(loads) == 1  # one query for the object's 8 blocks...
+    assert not [k for k in gets if ":" in k]  # ...and no per-block lookups
+
+
+def test_block_evicted_after_its_object_was_indexed_is_a_miss(mem: Any, make_fs: MakeFs, cache_dir: Path) -> None:
+    data = payload(4 * BS, seed=42)
+    url = put_object(mem, "obj", data)
+    cold = make_fs()
+    assert cold.cat_file(url) == data
+    cold.reader.flush()
+    warm = make_fs()
+    assert warm.cat_file(url, 0, 10) == data[:10]  # indexes the object, opens block 0
+    for path in sorted(cache_dir.rglob("*.val"))[:4]:
+        path.unlink()  # evicted by another process (files gone; block 0 stays open here)
+    warm.reader.drop_memory()
+    assert warm.cat_file(url) == data
+    stats = warm.stats()
+    assert stats["corrupt_blocks"] == 0 and stats["bytes_from_store"] >= 3 * BS
