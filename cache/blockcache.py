@@ -520,10 +520,25 @@ class BlockCache:
         with self._open_lock:
             return self._open.get(key)
 
+    def _indexed_entry(self, key: str) -> bool:
+        """Whether the object's bulk-loaded index entries (or the open files) have ``key``."""
+        with self._open_lock:
+            if key in self._open:
+                return True
+        if self._index is None:
+            return False
+        with _FORK_GATE:
+            entries = self._index.entries(key.split(":", 1)[0])
+        return entries is not None and (key in entries.files or key in entries.inline)
+
     def contains(self, key: str) -> bool:
-        """Whether a block is stored (an index lookup; the block is not read or verified)."""
+        """Whether a block is stored (an index lookup; the block is not read or verified).
+        Read-ahead asks this for every block ahead of a reader: the object's
+        entries answer first, without a query per block."""
         if self._cache is None:
             return False
+        if self._indexed_entry(key):
+            return True
         try:
             return key in self._cache
         except (OSError, sqlite3.Error, diskcache.Timeout):
@@ -539,22 +554,27 @@ class BlockCache:
         if self._cache is None:
             return None
         try:
-            handle = self._cache.get(key, default=None, read=True, retry=True)
-        except (OSError, sqlite3.Error, diskcache.Timeout):
-            return None
-        if handle is None or isinstance(handle, (bytes, bytearray, memoryview)):
-            return None
-        try:
-            length, chunk, _, sums = _read_footer(handle)
-            return handle, length, chunk, sums
+            # The open-file table and the object's index entries first: a peer
+            # serving a block it served before reads no footer and asks no index.
+            block = self._open_block(key)
         except _Corrupt as exc:
-            handle.close()
+            self._forget(key)
             self.metrics.add(corrupt_blocks=1)
             logger.warning("corrupt cache block %s discarded (%s)", key, exc)
             self.discard(key)
+            return None
+        except (OSError, sqlite3.Error, diskcache.Timeout):
+            return None
+        if not isinstance(block, _OpenBlock):
+            return None  # a miss, or kept inline in the index
+        try:
+            # The caller's own descriptor (it closes it); sendfile and pread take
+            # explicit offsets, so sharing the file position does not matter.
+            handle = os.fdopen(os.dup(block.fd), "rb", buffering=0)
         except OSError:
-            handle.close()
-        return None
+            return None
+        count = len(block.sums) // 8
+        return handle, block.length, block.chunk, struct.unpack(f"<{count}Q", block.sums)
 
     def promote(self, key: str) -> None:
         """Store a block again so that least-recently-stored eviction sees it as fresh."""
@@ -648,6 +668,8 @@ class BlockCache:
         with self._open_lock:
             if block_key in self._piece_lists:
                 return True
+        if self._indexed_entry(f"{block_key}#p"):
+            return True
         try:
             return f"{block_key}#p" in self._cache
         except (OSError, sqlite3.Error, diskcache.Timeout):

@@ -17,7 +17,7 @@ only used by one thread at a time, and SQLite checks the thread by this id).
 
 from __future__ import annotations
 
-import threading
+from threading import get_ident as _get_ident
 from typing import Any
 
 __all__ = ["ThreadSlots"]
@@ -31,25 +31,22 @@ class ThreadSlots:
     def __init__(self) -> None:
         object.__setattr__(self, "_values", {})
 
-    def _mine(self) -> dict[str, Any]:
-        values: dict[int, dict[str, Any]] = object.__getattribute__(self, "_values")
-        ident = threading.get_ident()
-        mine = values.get(ident)
-        if mine is None:
-            mine = values.setdefault(ident, {})  # setdefault: atomic under the GIL
-        return mine
-
+    # ``_values`` is a slot, so these run only for other names (and on hot
+    # paths: a file's position is read and set on every read).
     def __getattr__(self, name: str) -> Any:
         try:
-            return self._mine()[name]
+            return self._values[_get_ident()][name]
         except KeyError:
             raise AttributeError(name) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        self._mine()[name] = value
+        mine = self._values.get(_get_ident())
+        if mine is None:
+            mine = self._values.setdefault(_get_ident(), {})  # setdefault: atomic under the GIL
+        mine[name] = value
 
     def __delattr__(self, name: str) -> None:
         try:
-            del self._mine()[name]
+            del self._values[_get_ident()][name]
         except KeyError:
             raise AttributeError(name) from None
