@@ -230,6 +230,12 @@ class _OpenBlock:
         return raw[lo - base : hi - base]
 
 
+#: diskcache's ``retry=True`` repeats ``BEGIN IMMEDIATE`` on *any* SQLite
+#: OperationalError, forever (seen once, spinning at close on a cache directory
+#: made read-only).  SQLite's busy timeout (10 s) already waits out other
+#: writers; after it, a write fails (counted, read through) instead of hanging.
+_WRITE_RETRY = False
+
 _OPEN_BLOCKS = 2048  # block and piece files kept open per cache (file descriptors)
 
 
@@ -591,10 +597,10 @@ class BlockCache:
             return False
         self._forget(key)  # a re-stored (promoted) block gets a new file and time
         try:
-            self._cache.set(key, _Sealed(data), read=True, retry=True)
+            self._cache.set(key, _Sealed(data), read=True, retry=_WRITE_RETRY)
             self._consecutive_failures = 0
             if self._cache.volume() > self.config.size_limit:
-                evicted = self._cache.cull(retry=True)
+                evicted = self._cache.cull(retry=_WRITE_RETRY)
                 if evicted:
                     self.metrics.add(evictions=evicted)
             return True
@@ -621,11 +627,12 @@ class BlockCache:
         if self._cache is None or not self.put(f"{block_key}@{offset}", data):
             return False
         try:
-            with self._cache.transact(retry=True):  # several processes may add pieces
+            with self._cache.transact(retry=_WRITE_RETRY):  # several processes may add pieces
                 raw = self._cache.get(f"{block_key}#p", default=b"", retry=True)
                 pieces = set(struct.iter_unpack("<II", raw)) | {(offset, offset + len(data))}
                 kept = sorted(pieces)[-_MAX_PIECES:]
-                self._cache.set(f"{block_key}#p", b"".join(struct.pack("<II", lo, hi) for lo, hi in kept), retry=True)
+                self._cache.set(f"{block_key}#p", b"".join(struct.pack("<II", lo, hi) for lo, hi in kept),
+                                retry=_WRITE_RETRY)
             self._remember_pieces(block_key, tuple(kept))
             return True
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
@@ -774,8 +781,8 @@ class BlockCache:
         if self._cache is None:
             return
         try:
-            self._cache.delete(key, retry=True)
-        except (OSError, sqlite3.Error):
+            self._cache.delete(key, retry=_WRITE_RETRY)
+        except (OSError, sqlite3.Error, diskcache.Timeout):
             logger.debug("could not delete cache key %s", key)
 
     def clear(self) -> int:
@@ -806,7 +813,7 @@ class BlockCache:
                          "evictions", "corrupt_blocks", "write_failures", "read_failures"):
                 delta = current[name] - self._flushed.get(name, 0)
                 if delta:
-                    self._stats.incr(_STATS_KEY_PREFIX + name, delta, default=0, retry=True)
+                    self._stats.incr(_STATS_KEY_PREFIX + name, delta, default=0, retry=_WRITE_RETRY)
                 self._flushed[name] = current[name]
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             logger.debug("could not persist cache statistics: %s", exc)
@@ -825,7 +832,7 @@ class BlockCache:
         if self._stats is None:
             return
         try:
-            self._stats.set(f"shoal.listing.{key}", json.dumps(entries), retry=True)
+            self._stats.set(f"shoal.listing.{key}", json.dumps(entries), retry=_WRITE_RETRY)
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             logger.debug("could not remember a listing: %s", exc)
 

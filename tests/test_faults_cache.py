@@ -232,6 +232,16 @@ _READ_ONLY_CHILD = _CHILD_PRELUDE + textwrap.dedent("""
     fs.reader.flush()
     fs.reader.drop_memory()
     ok &= fs.cat_file(second) == truth[second]
+    import threading
+    done = []
+    def fresh_thread():             # its SQLite connections open now, on read-only files
+        fs.reader.cache.flush_stats()
+        fs.reader.drop_memory()
+        done.append(fs.cat_file(second) == truth[second])
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join(60)
+    ok &= done == [True]
     stats = fs.stats()
     fs.close()
     print(json.dumps({"ok": ok, **{k: stats[k] for k in ("write_failures", "degraded", "hits", "corrupt_blocks")}}))
