@@ -26,7 +26,7 @@ from .aggregate import PartialAggregate, plan_partial_aggregate
 from .catalog import Catalog, TableDef
 from .errors import SqlSyntaxError, translate_duckdb_error
 from .security import check_source, lock_down
-from .sqlinfo import column_references, parse_tree, table_references, top_level_conjuncts
+from .sqlinfo import column_references, named_columns, parse_tree, table_references, top_level_conjuncts
 
 __all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quote_literal"]
 
@@ -82,6 +82,8 @@ class TableScan:
     files_listed: int
     files: list[ObjectVersion]
     fragments: list[Fragment] = field(default_factory=list)
+    #: Fused plans: the query reads whole rows, so every column is prefetched.
+    all_named: bool = False
 
     @property
     def bytes_listed(self) -> int:
@@ -96,6 +98,10 @@ class QueryPlan:
     scans: dict[str, TableScan]
     #: Set when workers aggregate their fragments and the coordinator merges.
     partial: PartialAggregate | None = None
+    #: A plan for one DuckDB that runs the whole query (the embedded executor):
+    #: scans hold the pinned files and the columns the query names (for
+    #: prefetching); DuckDB pushes projections and filters into its scans itself.
+    fused: bool = False
 
 
 def _scan_nodes(plan: Any) -> Iterator[dict[str, Any]]:
@@ -160,9 +166,9 @@ class Planner:
 
     # -- step 1: which tables ---------------------------------------------------
 
-    def bind_tables(self, sql: str) -> tuple[str, dict[str, TableDef]]:
+    def bind_tables(self, sql: str, tree: dict[str, Any] | None = None) -> tuple[str, dict[str, TableDef]]:
         """Replace ad-hoc paths by internal names; return the SQL and its tables."""
-        tree = parse_tree(self.con, sql)
+        tree = parse_tree(self.con, sql) if tree is None else tree
         tables: dict[str, TableDef] = {}
         for n, ref in enumerate(table_references(tree)):
             table = self.catalog.get(ref)
@@ -177,12 +183,13 @@ class Planner:
 
     # -- step 2: files and views ---------------------------------------------------
 
-    def _define_views(self, tables: dict[str, TableDef]) -> dict[str, tuple[list[ObjectVersion], list[str]]]:
+    def _list_tables(self, tables: dict[str, TableDef]) -> dict[str, list[ObjectVersion]]:
+        """Each table's objects (versions pinned by the caller's snapshot), listed
+        together; their footers are prefetched."""
         for table in tables.values():
             # Before anything is listed or read: DuckDB's lock covers DuckDB's own
             # reads, not the listing and footer reads Shoal makes for it.
             check_source(table.url, self.allowed_paths, self.fs.protocol)
-        listed: dict[str, tuple[list[ObjectVersion], list[str]]] = {}
         listings: dict[str, list[ObjectVersion]] = {}
         to_list = []
         for name, table in tables.items():
@@ -207,6 +214,11 @@ class Planner:
                     # Footers: DuckDB reads them one file at a time while binding and
                     # estimating; fetching every file's tail at once hides that latency.
                     self.fs.prefetch(version.url, [(max(0, version.size - _FOOTER_GUESS), version.size)])
+        return listings
+
+    def _define_views(self, tables: dict[str, TableDef]) -> dict[str, tuple[list[ObjectVersion], list[str]]]:
+        listings = self._list_tables(tables)
+        listed: dict[str, tuple[list[ObjectVersion], list[str]]] = {}
         for name, table in tables.items():
             files = [v for v in listings[name] if v.size > 0]
             if not files:
@@ -330,6 +342,32 @@ class Planner:
         return fragments
 
     # -- all steps ----------------------------------------------------------------
+
+    def plan_fused(self, sql: str) -> QueryPlan:
+        """Plan for an executor that runs the whole query in one DuckDB (call inside
+        ``fs.snapshot()``): list and pin the tables' files and note the columns the
+        query names, for prefetching.  No views, DESCRIBE or EXPLAIN here: DuckDB
+        binds and pushes down on its own, and in a fresh process that planning
+        cost as much as a warm scan of a small query.  Hive-partitioned tables
+        take :meth:`plan`, whose partition pruning also bounds the prefetch."""
+        tree = parse_tree(self.con, sql)
+        bound, tables = self.bind_tables(sql, tree)
+        if any(table.hive for table in tables.values()):
+            return self.plan(sql)
+        self.revalidate = {}
+        listings = self._list_tables(tables)
+        names, all_named = named_columns(tree)
+        scans: dict[str, TableScan] = {}
+        for name, table in tables.items():
+            files = [v for v in listings[name] if v.size > 0]
+            if not files:
+                raise ObjectNotFoundError(f"no Parquet files found for table {name} at {table.url}")
+            scans[name] = TableScan(
+                table=table, alias=name, all_columns=[], columns=sorted(names), filter=None,
+                partition_filter=None, files_listed=len(files), files=files,
+                fragments=[Fragment(table=name, index=i, files=(f,), size=f.size) for i, f in enumerate(files)],
+                all_named=all_named)
+        return QueryPlan(sql=bound, scans=scans, fused=True)
 
     def plan(self, sql: str, *, partial_aggregation: bool = False) -> QueryPlan:
         """Plan one SELECT (call inside ``fs.snapshot()`` so versions stay pinned).

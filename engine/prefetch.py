@@ -23,14 +23,16 @@ __all__ = ["column_chunk_ranges", "prefetch_plan"]
 logger = logging.getLogger(__name__)
 
 
-def column_chunk_ranges(metadata: pq.FileMetaData, columns: set[str]) -> list[tuple[int, int]]:
-    """Byte ranges of the chunks of ``columns`` (top-level names) in every row group."""
+def column_chunk_ranges(metadata: pq.FileMetaData, columns: set[str] | None) -> list[tuple[int, int]]:
+    """Byte ranges of the chunks of ``columns`` (top-level names, any case; None:
+    all) in every row group."""
+    wanted = None if columns is None else {c.lower() for c in columns}
     ranges = []
     for group in range(metadata.num_row_groups):
         row_group = metadata.row_group(group)
         for index in range(row_group.num_columns):
             chunk = row_group.column(index)
-            if chunk.path_in_schema.split(".", 1)[0] not in columns:
+            if wanted is not None and chunk.path_in_schema.split(".", 1)[0].lower() not in wanted:
                 continue
             start = chunk.data_page_offset
             if chunk.has_dictionary_page and chunk.dictionary_page_offset:
@@ -47,7 +49,7 @@ def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int) -> in
     """
     requested = blocks = 0
     for scan in plan.scans.values():
-        wanted = set(scan.columns)
+        wanted = None if scan.all_named else set(scan.columns)
         for version in scan.files:
             if "://" not in version.url or version.url.startswith("file://"):
                 continue  # local files are read in place

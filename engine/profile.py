@@ -101,8 +101,13 @@ def render_explain(profile: QueryProfile, *, analyze: bool, max_fragments: int =
         lines.append(f"    files: {len(scan.files)} of {scan.files_listed} listed"
                      + (f" ({pruned} pruned by partition filter {scan.partition_filter})" if pruned else "")
                      + f", {_size(sum(f.size for f in scan.files))}")
-        lines.append(f"    columns ({len(scan.columns)} of {len(scan.all_columns)}): {', '.join(scan.columns)}")
-        lines.append(f"    pushed-down filter: {scan.filter or '(none)'}")
+        if plan.fused:
+            named = "all (the query reads whole rows)" if scan.all_named else (", ".join(scan.columns) or "(none)")
+            lines.append(f"    columns the query names (prefetched): {named}")
+            lines.append("    projection and filters: pushed into the scan by DuckDB")
+        else:
+            lines.append(f"    columns ({len(scan.columns)} of {len(scan.all_columns)}): {', '.join(scan.columns)}")
+            lines.append(f"    pushed-down filter: {scan.filter or '(none)'}")
         lines.append(f"    fragments: {len(scan.fragments)}")
         for fragment in scan.fragments[:max_fragments]:
             lines.append(f"      [{fragment.index}] {fragment.describe()}")

@@ -245,7 +245,7 @@ class Session:
         if analyze:
             return render_explain(self._select(query, None).profile, analyze=True)
         with self.fs.snapshot():
-            plan = self._plan(query)
+            plan = self._plan(query, full=True)
         return render_explain(QueryProfile(plan=plan, executor=self.executor.name, workers=self.workers), analyze=False)
 
     def copy_to(self, query: str, url: str, *, options: str = "(FORMAT parquet)") -> QueryResult:
@@ -313,8 +313,12 @@ class Session:
             return re.sub(r"^\s*WITH\s+(RECURSIVE\s+)?", lambda m: f"WITH {m.group(1) or ''}{ctes}, ", sql, count=1, flags=re.I)
         return f"WITH {ctes} {sql}"
 
-    def _plan(self, query: str):
+    def _plan(self, query: str, *, full: bool = False):
+        """The query's plan; for the fused (embedded) executor a lighter one that
+        leaves pushdown to DuckDB, unless ``full`` (EXPLAIN shows the pushdown)."""
         try:
+            if self.executor.fused and not full:
+                return self.planner.plan_fused(self._expand_views(query))
             return self.planner.plan(self._expand_views(query), partial_aggregation=not self.executor.fused)
         except duckdb.Error as exc:
             raise translate_duckdb_error(exc, self.fs.take_error()) from exc
@@ -365,7 +369,8 @@ class Session:
             self._cancel.set()
             raise QueryCancelled("query cancelled") from None
         finally:
-            self.planner.drop_views(list(profile.plan.scans) if profile.plan else [])
+            if profile.plan is not None and not profile.plan.fused:
+                self.planner.drop_views(list(profile.plan.scans))
             self.fs.reader.cache.flush_stats()
         profile.rows = table.num_rows
         profile.stages["total"] = time.perf_counter() - started
@@ -400,7 +405,7 @@ class Session:
         views = []
         try:
             for name, scan in plan.scans.items():
-                columns = ", ".join(quote_ident(c) for c in scan.columns)
+                columns = "*" if plan.fused else ", ".join(quote_ident(c) for c in scan.columns)
                 if scan.files:
                     where = f" WHERE {scan.filter}" if scan.filter else ""
                     body = f"SELECT {columns} FROM {parquet_source([f.url for f in scan.files], scan.table.hive)}{where}"

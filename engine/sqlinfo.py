@@ -13,7 +13,7 @@ import duckdb
 
 from .errors import SqlSyntaxError
 
-__all__ = ["parse_tree", "table_references", "column_references", "top_level_conjuncts"]
+__all__ = ["parse_tree", "table_references", "column_references", "named_columns", "top_level_conjuncts"]
 
 
 def parse_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
@@ -67,6 +67,25 @@ def column_references(tree: dict[str, Any]) -> set[str]:
         if node.get("class") == "COLUMN_REF" and node.get("column_names"):
             out.add(node["column_names"][-1])
     return out
+
+
+def named_columns(tree: dict[str, Any]) -> tuple[set[str], bool]:
+    """Lower-cased column names a statement names (column references and
+    ``USING`` columns), and whether it reads whole rows (``*``, ``COLUMNS(...)``).
+    An approximation for prefetching only (DuckDB binds the statement itself):
+    a name may be an alias, and a table used as a value (``SELECT t FROM t``)
+    is not seen; its chunks are then read on demand."""
+    names: set[str] = set()
+    star = False
+    for node in _walk(tree):
+        if node.get("class") == "STAR" or node.get("type") == "STAR":
+            star = True
+        elif node.get("class") == "COLUMN_REF" and node.get("column_names"):
+            names.add(str(node["column_names"][-1]).lower())
+        using = node.get("using_columns")
+        if isinstance(using, list):
+            names.update(str(u).lower() for u in using if isinstance(u, str))
+    return names, star
 
 
 def _without_where(node: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -144,6 +145,38 @@ def test_explain_analyze_reports_store_and_cache_bytes(s3_endpoint, s3_bucket, s
             assert profile.bytes_from_cache > 0
         assert "from store" in text and "GET" in text and "stages:" in text
         assert s3_endpoint.secret_key not in text
+
+
+def test_embedded_plan_leaves_pushdown_to_duckdb_and_prefetches_named_columns(
+        s3_endpoint, s3_bucket, s3_client, tmp_path: Path) -> None:
+    """The fused (embedded) executor plans without views or EXPLAIN: it pins the files and
+    prefetches the chunks of the columns the query names; DuckDB pushes down itself."""
+    n = 20000
+    wide = pa.table({"k": list(range(n)), "v": [float(i) for i in range(n)],
+                     "pad": [f"{i:08d}" * 16 for i in range(n)]})
+    _put_parquet(s3_client, s3_bucket, "w/part-0.parquet", wide, row_group_size=2000, compression="none")
+    size = s3_client.head_object(Bucket=s3_bucket, Key="w/part-0.parquet")["ContentLength"]
+    url = f"s3://{s3_bucket}/w/*.parquet"
+
+    def cold(query: str) -> tuple[list[dict], object]:
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+        with _s3_session(s3_endpoint, tmp_path, executor="local") as s:
+            s.register("w", url)
+            result = s.sql(query)
+            return result.table.to_pylist(), result.profile
+
+    rows, profile = cold("SELECT sum(v) AS s FROM w WHERE k >= 10000")
+    assert rows == [{"s": float(sum(range(10000, n)))}]
+    scan = profile.plan.scans["w"]
+    assert profile.plan.fused and scan.columns == ["k", "v"] and not scan.all_named
+    assert profile.bytes_from_store < size / 3  # the wide "pad" column was never fetched
+    rows, profile = cold("SELECT * FROM w WHERE k = 7")
+    assert rows == [{"k": 7, "v": 7.0, "pad": "00000007" * 16}]
+    assert profile.plan.scans["w"].all_named and profile.bytes_from_store >= size * 0.9
+    with _s3_session(s3_endpoint, tmp_path, executor="local") as s:
+        s.register("w", url)
+        text = s.explain("SELECT sum(v) FROM w WHERE k >= 10000")  # EXPLAIN still shows the pushdown
+        assert "columns (2 of 3): k, v" in text and "k >= 10000" in text
 
 
 def test_copy_to_s3_and_read_back(s3_endpoint, s3_bucket, s3_client, tmp_path: Path) -> None:
