@@ -328,6 +328,17 @@ class _GatedCache:
                 if hasattr(old, name):
                     setattr(slots, name, getattr(old, name))
             self._inner._local = slots
+        self._slots = self._inner._local if isinstance(self._inner._local, ThreadSlots) else None
+
+    def close(self) -> None:
+        """Let go of every thread's connection (diskcache's own close closes the
+        caller's; the others close as they are dropped: sqlite3 allows
+        ``close()`` only from the thread that opened a connection)."""
+        with _FORK_GATE:
+            self._inner.close()
+            if self._slots is not None:
+                for values in self._slots.clear():
+                    values.clear()
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -813,3 +814,31 @@ def test_block_evicted_after_its_object_was_indexed_is_a_miss(mem: Any, make_fs:
     assert warm.cat_file(url) == data
     stats = warm.stats()
     assert stats["corrupt_blocks"] == 0 and stats["bytes_from_store"] >= 3 * BS
+
+
+def test_closed_filesystems_leave_no_open_files(mem: Any, tmp_path: Path) -> None:
+    """Each thread's SQLite connections and the open block files go with the filesystem
+    (connections kept per OS thread must not outlive their threads or the cache)."""
+    url = put_object(mem, "obj", payload(4 * BS, seed=43))
+
+    def open_fds() -> int:
+        gc.collect()  # filesystems sit in reference cycles until a collection
+        return len(os.listdir("/proc/self/fd"))
+
+    def use_once(n: int) -> None:
+        fs = ShoalFileSystem(cache=CacheConfig(directory=tmp_path / f"c{n}", block_size=BS),
+                             store=StoreConfig(), protocols=("memory",))
+        fs.cat_file(url)
+        fs.reader.flush()
+        threads = [threading.Thread(target=fs.cat_file, args=(url, 0, 1000)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        fs.close()
+
+    use_once(0)
+    before = open_fds()
+    for n in range(1, 21):
+        use_once(n)
+    assert open_fds() - before < 10  # it grew by ~5 per filesystem when connections outlived them
