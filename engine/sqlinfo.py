@@ -77,14 +77,27 @@ def named_columns(tree: dict[str, Any]) -> tuple[set[str], bool]:
     is not seen; its chunks are then read on demand."""
     names: set[str] = set()
     star = False
-    for node in _walk(tree):
+
+    def visit(node: Any, in_exists: bool) -> None:
+        nonlocal star
+        if isinstance(node, list):
+            for item in node:
+                visit(item, in_exists)
+            return
+        if not isinstance(node, dict):
+            return
         if node.get("class") == "STAR" or node.get("type") == "STAR":
-            star = True
+            star = star or not in_exists  # EXISTS (SELECT * ...) reads no columns
         elif node.get("class") == "COLUMN_REF" and node.get("column_names"):
             names.add(str(node["column_names"][-1]).lower())
         using = node.get("using_columns")
         if isinstance(using, list):
             names.update(str(u).lower() for u in using if isinstance(u, str))
+        inside = in_exists or (node.get("class") == "SUBQUERY" and node.get("subquery_type") == "EXISTS")
+        for value in node.values():
+            visit(value, inside)
+
+    visit(tree, False)
     return names, star
 
 

@@ -6,6 +6,7 @@ import io
 import shutil
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -280,3 +281,18 @@ def test_remembered_listings_never_hide_new_or_changed_files(s3_endpoint, s3_buc
         assert unchanged.table.to_pylist() == [{"n": 1, "s": 10}]
         # Nothing changed: one plan, and the only request is the background LIST.
         assert unchanged.profile.store_requests == 0
+
+
+@pytest.mark.parametrize(("sql", "names", "whole_rows"), [
+    ("SELECT b FROM t WHERE a < 10", {"a", "b"}, False),
+    ("SELECT * FROM t", set(), True),
+    ("SELECT t.* EXCLUDE (a) FROM t", set(), True),
+    ("SELECT x FROM t JOIN u USING (k)", {"x", "k"}, False),
+    # EXISTS (SELECT * ...) reads no columns: TPC-H Q4, Q21 and Q22 prefetched whole tables
+    ("SELECT a FROM t WHERE NOT EXISTS (SELECT * FROM u WHERE u.k = t.k)", {"a", "k"}, False),
+    ("SELECT count(*) FROM t", set(), False),
+])
+def test_columns_a_query_names(sql: str, names: set[str], whole_rows: bool) -> None:
+    from shoal.engine.sqlinfo import named_columns, parse_tree
+
+    assert named_columns(parse_tree(duckdb.connect(), sql)) == (names, whole_rows)
