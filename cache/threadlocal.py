@@ -30,13 +30,16 @@ __all__ = ["ThreadSlots"]
 class _Guard:
     """Lives in a Python thread's ``threading.local``; drops that thread's values when it exits."""
 
-    __slots__ = ("values", "ident")
+    __slots__ = ("values", "ident", "mine")
 
-    def __init__(self, values: dict[int, dict[str, Any]], ident: int) -> None:
-        self.values, self.ident = values, ident
+    def __init__(self, values: dict[int, dict[str, Any]], ident: int, mine: dict[str, Any]) -> None:
+        self.values, self.ident, self.mine = values, ident, mine
 
     def __del__(self) -> None:
-        self.values.pop(self.ident, None)
+        # Only the values it was made for: after clear(), a new guard replaces
+        # this one, and the thread's new values must stay.
+        if self.values.get(self.ident) is self.mine:
+            del self.values[self.ident]
 
 
 class ThreadSlots:
@@ -77,7 +80,7 @@ class ThreadSlots:
         # up here only as dummy threads (once something asked current_thread()).
         thread = threading._active.get(ident)  # noqa: SLF001 - no public "did Python start this thread" test
         if thread is not None and not isinstance(thread, threading._DummyThread):  # noqa: SLF001
-            self._guards.guard = _Guard(self._values, ident)
+            self._guards.guard = _Guard(self._values, ident, mine)
         return mine
 
     def clear(self) -> Iterator[dict[str, Any]]:

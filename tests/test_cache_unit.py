@@ -731,6 +731,10 @@ def test_thread_slots_are_per_thread() -> None:
     del slots.value
     with pytest.raises(AttributeError):
         slots.value  # noqa: B018
+    slots.value = "again"
+    assert [v for v in slots.clear()] == [{"value": "again"}]  # a closed cache lets go of them...
+    slots.value = "after"  # ...and is usable again: the old guard must not drop the new values
+    assert slots.value == "after"
 
 
 def _count_sqlite_connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
