@@ -1,8 +1,8 @@
 """The local-SSD block cache, on diskcache.
 
-Blocks are stored as ``data || xxh3_64(data) || len(data)``: a truncated or
-corrupted block file fails the check, is deleted and counted, and the caller
-refetches it.  Any failure of the cache itself (full disk, unwritable
+Blocks are stored with a checksum per 64 KiB chunk and a checksummed footer
+(``blockfile.py``): a truncated or corrupted block file fails the check, is
+deleted and counted, and the caller refetches it.  Any failure of the cache itself (full disk, unwritable
 directory, locked database) turns into a miss plus a counter and one warning,
 never into a failed read.  diskcache keeps the index in SQLite, so many
 processes (DataLoader workers, parallel CLI runs) share one directory safely.
@@ -11,7 +11,6 @@ processes (DataLoader workers, parallel CLI runs) share one directory safely.
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import json
 import logging
@@ -22,24 +21,19 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field, fields
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
 import diskcache
-import xxhash
 
+from .blockfile import Corrupt, OpenBlock, Sealed, read_range
 from .config import CacheConfig
+from .gated import FORK_GATE, GatedCache
 from .index import ObjectIndex
-from .threadlocal import ThreadSlots
 
 __all__ = ["BlockCache", "CacheMetrics"]
 
 logger = logging.getLogger(__name__)
 
-# Stored block layout: data || one xxh3_64 per CHUNK of data || footer.
-# Chunks let a read of a few hundred KiB verify (and read) only the chunks it
-# covers instead of the whole block; the footer carries its own checksum.
-CHUNK = 64 << 10
-_FOOTER = struct.Struct("<QIIdQ")  # data length, chunk size, chunk count, time stored, xxh3 of sums+header
 # diskcache's LRU policy writes to SQLite on every hit, which serializes
 # concurrent readers (measured: 8 threads reading 4 MiB blocks, 240 MiB/s LRU
 # vs 2,300 MiB/s least-recently-stored).  So blocks are stored LRS and a hit
@@ -87,149 +81,6 @@ class CacheMetrics:
         return data
 
 
-def _trailer(view: memoryview) -> bytes:
-    """Per-chunk checksums and footer that follow a block's data on disk."""
-    count = (len(view) + CHUNK - 1) // CHUNK
-    sums = struct.pack(f"<{count}Q", *(xxhash.xxh3_64_intdigest(view[i * CHUNK : (i + 1) * CHUNK]) for i in range(count)))
-    head = struct.pack("<QIId", len(view), CHUNK, count, time.time())
-    return b"".join((sums, head, struct.pack("<Q", xxhash.xxh3_64_intdigest(sums + head))))
-
-
-def _seal(data: bytes | memoryview) -> bytes:
-    view = memoryview(data)
-    return b"".join((view, _trailer(view)))
-
-
-class _Sealed:
-    """A block and its trailer as a file-like object for ``diskcache.set(read=True)``:
-    the block file is written without first copying the block into one sealed
-    buffer (a copy into fresh memory per block fetched, on the cold path)."""
-
-    def __init__(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self._parts = [view, memoryview(_trailer(view))]
-
-    def read(self, size: int = -1) -> memoryview:
-        while self._parts and not len(self._parts[0]):
-            self._parts.pop(0)
-        if not self._parts:
-            return memoryview(b"")
-        head = self._parts[0]
-        size = len(head) if size < 0 else size
-        self._parts[0] = head[size:]
-        return head[:size]
-
-
-class _Corrupt(Exception):
-    pass
-
-
-def _read_footer(handle: BinaryIO) -> tuple[int, int, float, tuple[int, ...]]:
-    """Verified footer of a sealed block file: (data length, chunk size, time stored,
-    per-chunk sums); raises :class:`_Corrupt` for a short, truncated or altered file."""
-    total = handle.seek(0, io.SEEK_END)
-    if total < _FOOTER.size:
-        raise _Corrupt("too short")
-    handle.seek(total - _FOOTER.size)
-    length, chunk, count, stored_at, footer_sum = _FOOTER.unpack(handle.read(_FOOTER.size))
-    if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER.size:
-        raise _Corrupt("bad footer or truncated")
-    handle.seek(length)
-    sums_raw = handle.read(8 * count)
-    head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
-    if xxhash.xxh3_64_intdigest(sums_raw + head) != footer_sum:
-        raise _Corrupt("bad checksum table")
-    return length, chunk, stored_at, struct.unpack(f"<{count}Q", sums_raw)
-
-
-def _read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, int, float]:
-    """Bytes ``[lo, hi)`` of a sealed block read from ``handle``, verified chunk by chunk.
-
-    Returns (bytes, block length, time stored); raises :class:`_Corrupt`.
-    """
-    length, chunk, stored_at, sums = _read_footer(handle)
-    hi = length if hi is None else min(hi, length)
-    if hi <= lo:
-        return memoryview(b""), length, stored_at
-    first, last = lo // chunk, (hi - 1) // chunk
-    handle.seek(first * chunk)
-    raw = memoryview(handle.read(min((last + 1) * chunk, length) - first * chunk))
-    for n, index in enumerate(range(first, last + 1)):
-        if xxhash.xxh3_64_intdigest(raw[n * chunk : (n + 1) * chunk]) != sums[index]:
-            raise _Corrupt(f"chunk {index} checksum mismatch")
-    base = first * chunk
-    return raw[lo - base : hi - base], length, stored_at
-
-
-class _OpenBlock:
-    """A block file kept open with its verified footer, so that consecutive
-    reads of one block skip the index lookup, the open and the footer (a 1 MiB
-    read of a warm block spent more on those than on copying its data).
-
-    Reads use ``os.pread`` (safe to share between threads).  The file is an
-    unbuffered duplicate of diskcache's handle, closed when the last reference
-    goes, never while a reader holds it; a block deleted meanwhile (evicted)
-    stays readable, and its bytes, keyed by object version, are still right.
-    Nothing large stays allocated between reads (only the verified checksum
-    table, 8 bytes per chunk): long-lived buffers in the middle of the heap
-    kept glibc from reusing the memory of earlier reads, and fresh memory
-    costs a page fault per 4 KiB.
-    """
-
-    __slots__ = ("fd", "length", "chunk", "stored_at", "sums")
-
-    def __init__(self, fd: int) -> None:
-        """Takes ownership of ``fd`` (closed when this is collected, or at once if invalid)."""
-        self.fd = fd
-        try:
-            self._verify_footer(fd)
-        except BaseException:
-            self.fd = -1
-            os.close(fd)
-            raise
-
-    def __del__(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def _verify_footer(self, fd: int) -> None:
-        total = os.fstat(fd).st_size
-        if total < _FOOTER.size:
-            raise _Corrupt("too short")
-        length, chunk, count, stored_at, footer_sum = _FOOTER.unpack(os.pread(fd, _FOOTER.size,
-                                                                              total - _FOOTER.size))
-        if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER.size:
-            raise _Corrupt("bad footer or truncated")
-        head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
-        sums = os.pread(fd, 8 * count, length)
-        if xxhash.xxh3_64_intdigest(sums + head) != footer_sum:
-            raise _Corrupt("bad checksum table")
-        # The verified table (8 bytes per 64 KiB chunk) stays: reads need not
-        # read it again, and a table changed on disk since cannot vouch for data.
-        self.length, self.chunk, self.stored_at, self.sums = length, chunk, stored_at, sums
-
-    def read(self, lo: int, hi: int | None) -> memoryview:
-        """Bytes ``[lo, hi)``, verified chunk by chunk (raises :class:`_Corrupt`)."""
-        chunk, length = self.chunk, self.length
-        hi = length if hi is None else min(hi, length)
-        if hi <= lo:
-            return memoryview(b"")
-        first, last = lo // chunk, (hi - 1) // chunk
-        base = first * chunk
-        want = min((last + 1) * chunk, length) - base
-        # The data first: small allocations made between a reader's big ones
-        # split the memory its last read freed, and glibc then takes fresh pages.
-        raw = memoryview(os.pread(self.fd, want, base))
-        if len(raw) != want:
-            raise _Corrupt("truncated")
-        sums = struct.unpack_from(f"<{last + 1 - first}Q", self.sums, 8 * first)
-        for n in range(last + 1 - first):
-            if xxhash.xxh3_64_intdigest(raw[n * chunk : (n + 1) * chunk]) != sums[n]:
-                raise _Corrupt(f"chunk {first + n} checksum mismatch")
-        return raw[lo - base : hi - base]
-
-
 #: diskcache's ``retry=True`` repeats ``BEGIN IMMEDIATE`` on *any* SQLite
 #: OperationalError, forever (seen once, spinning at close on a cache directory
 #: made read-only).  SQLite's busy timeout (10 s) already waits out other
@@ -237,133 +88,6 @@ class _OpenBlock:
 _WRITE_RETRY = False
 
 _OPEN_BLOCKS = 2048  # block and piece files kept open per cache (file descriptors)
-
-
-#: How long a fork waits for threads to leave diskcache before it goes ahead anyway (and warns).
-FORK_WAIT_S = 30.0
-
-
-class _ForkGate:
-    """Keeps ``fork()`` out while any thread of this process is inside diskcache (SQLite).
-
-    A child forked while another thread is inside SQLite inherits SQLite's
-    mutexes (the connection's, the allocator's) held by a thread that does not
-    exist in the child; Python closes that thread's connection as the child
-    starts, and the child waits on them forever (seen: DataLoader workers that
-    never produced a batch).  Threads enter the gate around every diskcache
-    call, many at a time (shared); :meth:`before_fork` (an
-    ``os.register_at_fork`` hook) stops new entries and waits until none is
-    inside, and holds the gate through the fork; the parent then reopens it,
-    and the child starts with a fresh gate.  diskcache itself opens a new
-    SQLite connection in the child (it checks the process id on every call).
-    Entering is re-entrant per thread (a transaction's calls).
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._inside = 0
-        self._forking = False
-        self._local = threading.local()
-
-    def __enter__(self) -> None:
-        local = self._local
-        depth = getattr(local, "depth", 0)
-        if not depth:
-            with self._cond:
-                while self._forking:
-                    self._cond.wait()
-                self._inside += 1
-        local.depth = depth + 1
-
-    def __exit__(self, *exc: object) -> None:
-        local = self._local
-        local.depth -= 1
-        if not local.depth:
-            with self._cond:
-                self._inside -= 1
-                if self._forking and not self._inside:
-                    self._cond.notify_all()
-
-    def before_fork(self) -> None:
-        """Wait (at most :data:`FORK_WAIT_S`) until no thread is inside; keep the gate closed."""
-        self._cond.acquire()
-        self._forking = True
-        mine = 1 if getattr(self._local, "depth", 0) else 0  # a fork from inside a call: do not wait on ourselves
-        if not self._cond.wait_for(lambda: self._inside <= mine, timeout=FORK_WAIT_S):
-            logger.warning("forking while %d thread(s) still use the block cache index after %.0f s; "
-                           "the child may hang in SQLite", self._inside - mine, FORK_WAIT_S)
-
-    def after_fork_in_parent(self) -> None:
-        self._forking = False
-        self._cond.notify_all()
-        self._cond.release()
-
-    def after_fork_in_child(self) -> None:
-        depth = getattr(self._local, "depth", 0)  # the forking thread's own calls (if it forked from one)
-        self._reset()  # the parent's other threads (and what they held) do not exist here
-        if depth:
-            self._local.depth, self._inside = depth, 1
-
-
-_FORK_GATE = _ForkGate()
-os.register_at_fork(before=_FORK_GATE.before_fork, after_in_parent=_FORK_GATE.after_fork_in_parent,
-                    after_in_child=_FORK_GATE.after_fork_in_child)
-
-
-class _GatedCache:
-    """A ``diskcache.Cache`` whose every call runs inside :data:`_FORK_GATE`."""
-
-    def __init__(self, directory: str, **settings: Any) -> None:
-        with _FORK_GATE:
-            self._inner = diskcache.Cache(directory, **settings)
-        old = getattr(self._inner, "_local", None)
-        if isinstance(old, threading.local):
-            # diskcache keeps one SQLite connection per thread in a threading.local,
-            # which DuckDB's native threads lose after every call (see threadlocal.py).
-            slots = ThreadSlots()
-            for name in ("pid", "con"):  # this thread's connection, opened (read-write) just now
-                if hasattr(old, name):
-                    setattr(slots, name, getattr(old, name))
-            self._inner._local = slots
-        self._slots = self._inner._local if isinstance(self._inner._local, ThreadSlots) else None
-
-    def close(self) -> None:
-        """Let go of every thread's connection (diskcache's own close closes the
-        caller's; the others close as they are dropped: sqlite3 allows
-        ``close()`` only from the thread that opened a connection)."""
-        with _FORK_GATE:
-            self._inner.close()
-            if self._slots is not None:
-                for values in self._slots.clear():
-                    values.clear()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        if not callable(attr):
-            return attr
-
-        def gated(*args: Any, **kwargs: Any) -> Any:
-            with _FORK_GATE:
-                return attr(*args, **kwargs)
-
-        return gated
-
-    def __contains__(self, key: str) -> bool:
-        with _FORK_GATE:
-            return key in self._inner
-
-    def __len__(self) -> int:
-        with _FORK_GATE:
-            return len(self._inner)
-
-    @contextlib.contextmanager
-    def transact(self, retry: bool = False) -> Iterator[None]:
-        """The whole transaction (and the calls in it) inside the gate."""
-        with _FORK_GATE, self._inner.transact(retry=retry):
-            yield
 
 
 def _reset_open_lock(cache: "BlockCache | None") -> None:
@@ -381,13 +105,13 @@ class BlockCache:
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self.metrics = CacheMetrics()
-        self._cache: _GatedCache | None = None  # every diskcache call waits out a fork (_ForkGate)
-        self._stats: _GatedCache | None = None
+        self._cache: GatedCache | None = None  # every diskcache call waits out a fork (_ForkGate)
+        self._stats: GatedCache | None = None
         self._skip_writes = 0
         self._consecutive_failures = 0
         self._warned = False
         self._flushed: dict[str, int] = {}
-        self._open: collections.OrderedDict[str, _OpenBlock] = collections.OrderedDict()
+        self._open: collections.OrderedDict[str, OpenBlock] = collections.OrderedDict()
         self._open_lock = threading.Lock()
         #: Where each object's blocks are, one index query per object (see index.py).
         self._index: ObjectIndex | None = None
@@ -404,7 +128,7 @@ class BlockCache:
             return
         try:
             config.directory.mkdir(parents=True, exist_ok=True)
-            self._cache = _GatedCache(
+            self._cache = GatedCache(
                 str(config.directory),
                 size_limit=config.size_limit,
                 # Culling is done by us (cull_limit=0) so evictions can be counted.
@@ -414,7 +138,7 @@ class BlockCache:
                 timeout=10,
             )
             # Counters live apart from the blocks so that eviction never drops them.
-            self._stats = _GatedCache(str(config.directory / "stats"), timeout=10)
+            self._stats = GatedCache(str(config.directory / "stats"), timeout=10)
             self._index = ObjectIndex(config.directory)
         except (OSError, sqlite3.Error) as exc:
             self._cache = None
@@ -450,10 +174,10 @@ class BlockCache:
                 return None
             if isinstance(block, bytes):  # small values live in SQLite
                 with io.BytesIO(block) as inline:
-                    data, length, stored_at = _read_range(inline, lo, hi)
+                    data, length, stored_at = read_range(inline, lo, hi)
             else:
                 data, length, stored_at = block.read(lo, hi), block.length, block.stored_at
-        except _Corrupt as exc:
+        except Corrupt as exc:
             self._forget(key)
             self.metrics.add(corrupt_blocks=1)
             logger.warning("corrupt cache block %s discarded (%s); refetching", key, exc)
@@ -471,7 +195,7 @@ class BlockCache:
                 self.promote(key)
         return data
 
-    def _open_block(self, key: str) -> "_OpenBlock | bytes | None":
+    def _open_block(self, key: str) -> "OpenBlock | bytes | None":
         """A block's open file (from the open-file table, else the index), or
         its bytes when diskcache kept it inline; None on a miss."""
         with self._open_lock:
@@ -490,19 +214,22 @@ class BlockCache:
         if isinstance(handle, (bytearray, memoryview)):
             return bytes(handle)
         with handle:
-            block = _OpenBlock(os.dup(handle.fileno()))
+            return self._keep_open(key, OpenBlock(os.dup(handle.fileno())))
+
+    def _keep_open(self, key: str, block: "OpenBlock") -> "OpenBlock":
+        """Add a block to the open-file table (least recently used ones leave)."""
         with self._open_lock:
             self._open[key] = block
             while len(self._open) > _OPEN_BLOCKS:
                 self._open.popitem(last=False)
         return block
 
-    def _indexed(self, key: str) -> "_OpenBlock | bytes | None":
+    def _indexed(self, key: str) -> "OpenBlock | bytes | None":
         """A block from its object's bulk-loaded index entries (None: ask diskcache)."""
         if self._index is None:
             return None
         object_key = key.split(":", 1)[0]
-        with _FORK_GATE:
+        with FORK_GATE:
             entries = self._index.entries(object_key)
         if entries is None:
             return None
@@ -523,14 +250,9 @@ class BlockCache:
         except FileNotFoundError:
             entries.files.pop(key, None)  # evicted or re-stored since: diskcache knows
             return None
-        block = _OpenBlock(fd)
-        with self._open_lock:
-            self._open[key] = block
-            while len(self._open) > _OPEN_BLOCKS:
-                self._open.popitem(last=False)
-        return block
+        return self._keep_open(key, OpenBlock(fd))
 
-    def opened(self, key: str) -> "_OpenBlock | None":
+    def opened(self, key: str) -> "OpenBlock | None":
         """The open, footer-verified file of a block read before, if still open
         (no index lookup): a sequential reader's next reads of the same block
         go straight to it.  Its reads verify their chunks and raise on corruption."""
@@ -544,7 +266,7 @@ class BlockCache:
                 return True
         if self._index is None:
             return False
-        with _FORK_GATE:
+        with FORK_GATE:
             entries = self._index.entries(key.split(":", 1)[0])
         return entries is not None and (key in entries.files or key in entries.inline)
 
@@ -574,7 +296,7 @@ class BlockCache:
             # The open-file table and the object's index entries first: a peer
             # serving a block it served before reads no footer and asks no index.
             block = self._open_block(key)
-        except _Corrupt as exc:
+        except Corrupt as exc:
             self._forget(key)
             self.metrics.add(corrupt_blocks=1)
             logger.warning("corrupt cache block %s discarded (%s)", key, exc)
@@ -582,7 +304,7 @@ class BlockCache:
             return None
         except (OSError, sqlite3.Error, diskcache.Timeout):
             return None
-        if not isinstance(block, _OpenBlock):
+        if not isinstance(block, OpenBlock):
             return None  # a miss, or kept inline in the index
         try:
             # The caller's own descriptor (it closes it); sendfile and pread take
@@ -608,7 +330,7 @@ class BlockCache:
             return False
         self._forget(key)  # a re-stored (promoted) block gets a new file and time
         try:
-            self._cache.set(key, _Sealed(data), read=True, retry=_WRITE_RETRY)
+            self._cache.set(key, Sealed(data), read=True, retry=_WRITE_RETRY)
             self._consecutive_failures = 0
             if self._cache.volume() > self.config.size_limit:
                 evicted = self._cache.cull(retry=_WRITE_RETRY)

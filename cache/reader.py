@@ -168,7 +168,7 @@ class ReadCursor:
     def __init__(self) -> None:
         self.url = ""
         self.index = -1
-        self.block: Any = None  # the block's open file (blockcache._OpenBlock)
+        self.block: Any = None  # the block's open file (blockfile.OpenBlock)
         self.reads = 0
         self.bytes = 0
 
