@@ -380,6 +380,10 @@ class ShoalFile(io.RawIOBase):
         self._window = 0
         self._cursors: list[ReadCursor] = []
         self._cursors_lock = threading.Lock()
+        # Per-read constants (a 1 MiB warm read is ~200 us, so attribute chains show).
+        self._block_size = fs.cache_config.block_size
+        self._readahead_depth = fs.cache_config.readahead_blocks
+        self._readahead_limit = max(self._readahead_depth, fs.reader.readahead_limit())
 
     @property
     def loc(self) -> int:
@@ -415,10 +419,11 @@ class ShoalFile(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
         if self.closed:
             raise ValueError("I/O operation on closed file")
-        end = self.size if size is None or size < 0 else min(self.loc + size, self.size)
-        if end <= self.loc:
+        position = self._position
+        start = getattr(position, "loc", 0)
+        end = self.size if size is None or size < 0 else min(start + size, self.size)
+        if end <= start:
             return b""
-        start = self.loc
         self._note_access(start, end)
         try:
             # A sequential reader fetches whole blocks (read-ahead keeps them
@@ -428,8 +433,8 @@ class ShoalFile(io.RawIOBase):
         except StorageError as exc:
             self.fs.record_error(exc)
             raise
-        self.loc = end
-        bs = self.fs.cache_config.block_size
+        position.loc = end
+        bs = self._block_size
         if self._scanning and end // bs > start // bs:
             self.fs.reader.release(self.source, self.version, start // bs, end // bs)
         return data
@@ -478,15 +483,15 @@ class ShoalFile(io.RawIOBase):
         # A scan starts at offset 0 or after a few contiguous reads: DuckDB reads
         # neighbouring column chunks back to back, which is not yet a scan.
         self._scanning = (self._scanning and sequential) or start == 0 or self._streak >= _SEQUENTIAL_AFTER
-        depth = self.fs.cache_config.readahead_blocks
+        depth = self._readahead_depth
         if depth == 0 or not self._scanning:
             return
         if self._window < depth:
             self._window = depth
         else:
-            self._window = min(self._window * 2, max(depth, self.fs.reader.readahead_limit()))
+            self._window = min(self._window * 2, self._readahead_limit)
         window = self._window
-        bs = self.fs.cache_config.block_size
+        bs = self._block_size
         next_block = (end + bs - 1) // bs
         if next_block + window <= self._prefetched_to:
             return
