@@ -1202,8 +1202,11 @@ def render_notes(res: dict[str, Any]) -> str:
         "took from client and server.",
         "10. blockcache.py/index.py: read-ahead asks whether the blocks ahead are on the SSD from the "
         "object's index entries, loaded with one query per object (it was one SQLite query per block "
-        "ahead: ~20 µs of a 1 MiB read's ~210 µs in a fresh process, cProfile); warm 1 MiB reads "
-        "0.63× → 0.69× a local file, 8 MiB reads 0.64× → 0.71×.",
+        "ahead: ~20 µs of a 1 MiB read's ~210 µs in a fresh process, cProfile).",
+        "11. filesystem.py: a read takes its file's position once and sets it once, and keeps block size "
+        "and read-ahead bounds per file (attribute chains showed in a 1 MiB read). With 10 and 11 the "
+        "warm ratios sit at the target: two full runs gave 8 MiB reads 0.71× and 0.70× (0.699, a fail "
+        "by rounding), 1 MiB reads 0.69× and 0.74× (before: 0.64× and 0.63×).",
         "",
         "Tried and dropped: glibc malloc tuning (`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_`) cut page "
         "faults further but is process-wide, not a library's call. Reading the next block whole, verified, "
