@@ -1025,17 +1025,11 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(L) + "\n"
 
 
-def update_results_md(path: Path, section_body: str) -> None:
-    text = path.read_text() if path.exists() else "# Shoal benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
-    new = SECTION + "\n\n" + section_body.rstrip("\n") + "\n\n"
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + new
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + new + "".join(lines[end:])
-    path.write_text(text.rstrip("\n") + "\n")
+def update_results_md(path: Path, body: str) -> None:
+    """This benchmark's section of RESULTS.md."""
+    from results_md import update_section  # benchmarks/ is on sys.path: these run as scripts
+
+    update_section(path, SECTION, body)
 
 
 def write_outputs(res: dict[str, Any], json_path: Path, update_results: bool) -> None:

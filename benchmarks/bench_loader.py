@@ -779,17 +779,11 @@ def _fmt(value: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def update_results_md(markdown: str) -> None:
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{SECTION}\n\n{markdown}"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + (text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+def update_results_md(body: str) -> None:
+    """This benchmark's section of RESULTS.md."""
+    from results_md import update_section  # benchmarks/ is on sys.path: these run as scripts
+
+    update_section(HERE / "RESULTS.md", SECTION, body)
 
 
 def main() -> None:

@@ -384,22 +384,10 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 
 def update_results_md(path: Path, body: str) -> None:
-    """Replace this section, or insert it after the Transport section (else append)."""
-    text = path.read_text() if path.exists() else "# Shoal benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    new = SECTION + "\n\n" + body.rstrip("\n") + "\n\n"
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is not None:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + new + "".join(lines[end:])
-    else:
-        after = next((i for i, line in enumerate(lines) if line.strip() == AFTER_SECTION), None)
-        if after is None:
-            text = text.rstrip("\n") + "\n\n" + new
-        else:
-            end = next((i for i in range(after + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-            text = "".join(lines[:end]) + new + "".join(lines[end:])
-    path.write_text(text.rstrip("\n") + "\n")
+    """This benchmark's section of RESULTS.md."""
+    from results_md import update_section  # benchmarks/ is on sys.path: these run as scripts
+
+    update_section(path, SECTION, body, after=AFTER_SECTION)
 
 
 def main(argv: list[str] | None = None) -> int:

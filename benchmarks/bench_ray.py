@@ -547,17 +547,10 @@ How to read this (`benchmarks/bench_ray.py`; raw numbers in `results/ray.json`, 
 
 
 def update_results_md(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Shoal benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    new = SECTION + "\n\n" + body.rstrip("\n") + "\n\n"
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + new
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + new + "".join(lines[end:])
-    path.write_text(text.rstrip("\n") + "\n")
+    """This benchmark's section of RESULTS.md."""
+    from results_md import update_section  # benchmarks/ is on sys.path: these run as scripts
+
+    update_section(path, SECTION, body)
 
 
 def main() -> None:

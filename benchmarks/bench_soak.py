@@ -314,17 +314,10 @@ def render(res: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 def update_results_md(body: str) -> None:
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Shoal benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
-    new = SECTION + "\n\n" + body.rstrip("\n") + "\n\n"
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + new
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + new + "".join(lines[end:])
-    path.write_text(text.rstrip("\n") + "\n")
+    """This benchmark's section of RESULTS.md."""
+    from results_md import update_section  # benchmarks/ is on sys.path: these run as scripts
+
+    update_section(HERE / "RESULTS.md", SECTION, body)
 
 
 def main(argv: list[str] | None = None) -> int:

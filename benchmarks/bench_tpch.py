@@ -894,18 +894,11 @@ def render_chart(res: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def update_results_md(path: Path, section_body: str) -> None:
-    """Replace (or append) this benchmark's section; other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Shoal benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
-    new = SECTION + "\n\n" + section_body.rstrip("\n") + "\n\n"
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + new
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + new + "".join(lines[end:])
-    path.write_text(text.rstrip("\n") + "\n")
+def update_results_md(path: Path, body: str) -> None:
+    """This benchmark's section of RESULTS.md."""
+    from results_md import update_section  # benchmarks/ is on sys.path: these run as scripts
+
+    update_section(path, SECTION, body)
 
 
 def results_section(res: dict[str, Any], md_name: str, chart_name: str | None, notes: str) -> str:
