@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3servers
+from faultkit import put, within
 from s3servers import S3Endpoint
 
 from shoal.cache import BlockCache, CacheConfig, ShoalFileSystem, StoreConfig
@@ -83,32 +84,6 @@ def make_fs(s3_endpoint: S3Endpoint, cache_dir: Path) -> Iterator[MakeFs]:
     yield make
     for fs in made:
         fs.close()
-
-
-def put(client: Any, bucket: str, key: str, size: int, seed: int) -> tuple[str, bytes]:
-    data = random.Random(seed).randbytes(size)
-    client.put_object(Bucket=bucket, Key=key, Body=data)
-    return f"s3://{bucket}/{key}", data
-
-
-def within(seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on a thread; fail instead of hanging if it runs past ``seconds``."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} hung: still running after {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def child_env(endpoint: S3Endpoint, home: Path) -> dict[str, str]:

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import pytest
 import s3servers
 import xxhash
+from faultkit import put, within
 from s3servers import S3Endpoint, free_port
 from test_transport_helpers import SECRET, FakePeer
 
@@ -62,32 +63,6 @@ pytestmark = ONE_SERVER
 
 _SCRIPT = Path(sys.executable).with_name("shoal")
 SHOAL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "shoal.cli.main"]
-
-
-def within(seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on a thread; fail instead of hanging if it runs past ``seconds``."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} hung: still running after {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def put(client: Any, bucket: str, key: str, size: int, seed: int) -> tuple[str, bytes]:
-    data = random.Random(seed).randbytes(size)
-    client.put_object(Bucket=bucket, Key=key, Body=data)
-    return f"s3://{bucket}/{key}", data
 
 
 def store_config(endpoint: S3Endpoint, url: str | None = None) -> StoreConfig:

@@ -29,16 +29,17 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3servers
+from faultkit import put as put_bytes
+from faultkit import within
 from s3servers import S3Endpoint, free_port
 
 from shoal.cache import (
@@ -58,7 +59,6 @@ import s3proxy  # noqa: E402
 from latency_profiles import FaultConfig, LatencyProfile  # noqa: E402
 
 BS = 64 * 1024
-T = TypeVar("T")
 
 #: Proxy-driven faults do not depend on the server: one server is enough.
 pytestmark = pytest.mark.parametrize(
@@ -69,26 +69,6 @@ SHOAL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "shoal.cl
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def within(seconds: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` on a thread; fail (instead of hanging) if it is still running after ``seconds``."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name=f"within-{getattr(fn, '__name__', 'call')}", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} hung: still running after {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,12 +117,6 @@ def make_fs(s3_endpoint: S3Endpoint, proxy: s3proxy.S3Proxy, tmp_path: Path) -> 
     yield make
     for fs in made:
         fs.close()
-
-
-def put_bytes(client: Any, bucket: str, key: str, size: int, seed: int) -> tuple[str, bytes]:
-    data = random.Random(seed).randbytes(size)
-    client.put_object(Bucket=bucket, Key=key, Body=data)
-    return f"s3://{bucket}/{key}", data
 
 
 def people(rows: int, seed: int, first: int = 0) -> pa.Table:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from faultkit import put
 from s3servers import S3Endpoint, free_port
 
 from shoal.cache import BlockReader, CacheConfig, ObjectChangedError, ShoalFileSystem, StoreConfig
@@ -113,12 +114,6 @@ def make_fs(s3_endpoint: S3Endpoint, tmp_path: Path) -> Iterator[MakeFs]:
 
 def client_gets(fs: ShoalFileSystem) -> int:
     return fs.source("s3").requests  # type: ignore[attr-defined]
-
-
-def put(s3_client: Any, bucket: str, key: str, size: int, seed: int) -> tuple[str, bytes]:
-    data = random.Random(seed).randbytes(size)
-    s3_client.put_object(Bucket=bucket, Key=key, Body=data)
-    return f"s3://{bucket}/{key}", data
 
 
 def test_store_is_read_once_per_block_for_the_cluster(cluster: Cluster, s3_client: Any, s3_bucket: str,
