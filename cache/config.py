@@ -167,6 +167,11 @@ class StoreConfig:
     read_timeout: float = 60.0
     #: Attempts for retryable errors (503 SlowDown, resets), with backoff.
     max_attempts: int = 5
+    #: Send a second copy of a GET or HEAD whose first byte is late (see
+    #: :mod:`shoal.cache.hedge`); ``hedge_after`` fixes the delay in seconds,
+    #: ``None`` adapts it to the store (4x the median first-byte time).
+    hedge: bool = True
+    hedge_after: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "StoreConfig":

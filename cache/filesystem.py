@@ -346,6 +346,11 @@ class ShoalFileSystem(AbstractFileSystem):
             volume=self.reader.cache.volume(),
             enabled=self.reader.cache.available,
         )
+        with self._sources_lock:
+            hedgers = [s.hedger for s in self._sources.values() if getattr(s, "hedger", None) is not None]
+        if hedgers:  # second copies of slow store requests (see shoal.cache.hedge)
+            data["store_hedged"] = sum(h.hedged for h in hedgers)
+            data["store_hedge_wins"] = sum(h.hedge_wins for h in hedgers)
         if self.reader.peers is not None:
             data["tiers"] = self.reader.peers.stats(data)
         return data
@@ -487,7 +492,11 @@ class ShoalFile(io.RawIOBase):
         if depth == 0 or not self._scanning:
             return
         if self._window < depth:
-            self._window = depth
+            # Like the kernel's first read-ahead window, sized by the request:
+            # a read of a whole block or more is a bulk reader, which gets the
+            # full window at once (its second read would come only when its
+            # first block has arrived, a whole GET later).
+            self._window = self._readahead_limit if end - start >= self._block_size else depth
         else:
             self._window = min(self._window * 2, self._readahead_limit)
         window = self._window
@@ -495,7 +504,9 @@ class ShoalFile(io.RawIOBase):
         next_block = (end + bs - 1) // bs
         if next_block + window <= self._prefetched_to:
             return
-        first = max(next_block, self._prefetched_to)
+        # The blocks of this read go first when they are not yet under way: the
+        # pool's requests leave in order, and this read waits for its own.
+        first = max(min(start // bs, next_block), self._prefetched_to)
         target = next_block + window
         self.fs.reader.prefetch(self.source, self.version, first, target - first)
         self._prefetched_to = target

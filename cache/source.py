@@ -37,6 +37,7 @@ from .config import StoreConfig
 from .errors import (
     BucketNotFoundError, ObjectChangedError, ObjectNotFoundError, StoreError, translate_store_error,
 )
+from .hedge import HedgePolicy, Hedger
 
 __all__ = ["ObjectVersion", "ObjectSource", "S3Source", "FsspecSource", "open_source", "split_url"]
 
@@ -171,16 +172,18 @@ class S3Source:
         options = config.s3fs_options()
         self.attempts = max(1, config.max_attempts)
         # botocore's pool holds 10 connections by default: more concurrent GETs
-        # would queue for one instead of running.  Its "max_attempts" counts
-        # retries; StoreConfig's counts attempts.
+        # would queue for one instead of running, and a hedged GET needs a
+        # second connection while its first copy still holds one.  Its
+        # "max_attempts" counts retries; StoreConfig's counts attempts.
         options["config_kwargs"] = {**options.get("config_kwargs", {}),
-                                    "max_pool_connections": max(10, max_concurrency),
+                                    "max_pool_connections": max(10, 2 * max_concurrency),
                                     "retries": {"total_max_attempts": self.attempts, "mode": "standard"}}
         self.fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **options)
         # One retry loop per request: botocore's (plus ours for broken bodies), not also s3fs's,
         # which would multiply the attempts (and the backoff) by five.
         self.fs.retries = 1
         self.max_concurrency = max_concurrency
+        self.hedger = Hedger(HedgePolicy(enabled=config.hedge, after_s=config.hedge_after))
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self.requests = 0
         self.bytes_fetched = 0
@@ -194,7 +197,9 @@ class S3Source:
             raise _store_error(exc, url, self.attempts) from exc
 
     def stat(self, url: str) -> ObjectVersion:
-        info = self._metadata(url, lambda: self.fs.info(split_url(url)[1]))
+        path = split_url(url)[1]
+        info = self._metadata(url, lambda: sync(self.fs.loop, self.hedger.run, lambda: self.fs._info(path),
+                                                what="HEAD"))
         if info.get("type") == "directory":
             raise translate_store_error(FileNotFoundError(url), url)
         return _version_from_info("s3", info)
@@ -260,9 +265,10 @@ class S3Source:
             broken: BaseException | None = None
             async with self._semaphore():
                 try:
-                    response = await self.fs._call_s3(
-                        "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **condition
-                    )
+                    response = await self.hedger.run(
+                        lambda: self.fs._call_s3(
+                            "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **condition),
+                        on_loser=lambda late: late["Body"].close(), what="GET")
                 except Exception as exc:  # noqa: BLE001 - botocore has retried what is worth retrying
                     raise _deleted(_store_error(exc, version.url, self.attempts), version.url) from exc
                 etag = response.get("ETag")

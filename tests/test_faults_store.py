@@ -110,6 +110,8 @@ def make_fs(s3_endpoint: S3Endpoint, proxy: s3proxy.S3Proxy, tmp_path: Path) -> 
 
     def make(name: str = "cache", **store: Any) -> ShoalFileSystem:
         cache = CacheConfig(directory=tmp_path / name, block_size=BS, readahead_blocks=0, max_request_size=BS)
+        # No hedged GETs unless a test asks: the tests count the GETs the proxy saw.
+        store.setdefault("hedge", False)
         fs = ShoalFileSystem(cache=cache, store=store_config(s3_endpoint, proxy.url, **store))
         made.append(fs)
         return fs
@@ -225,6 +227,24 @@ def test_slow_tail_is_retried_past_the_read_timeout(proxy: s3proxy.S3Proxy, make
     assert within(60, fs.cat_file, url) == data
     assert proxy.stats()["gets"] > 12  # some GETs ran into the tail and were sent again
     assert fs.stats()["store_requests"] == 12
+
+
+def test_first_byte_stall_is_hedged(proxy: s3proxy.S3Proxy, make_fs: MakeFs, s3_client: Any,
+                                    s3_bucket: str) -> None:
+    """The first two GETs stall 30 s before their first byte (longer than the read timeout
+    allows for): each gets a second copy after 0.2 s, which answers; the bytes are right,
+    the store saw one GET more per stalled one, and the losers were not counted as reads."""
+    url, data = put_bytes(s3_client, s3_bucket, "hedge.bin", 8 * BS - 7, seed=4)
+    fs = make_fs(hedge=True, hedge_after=0.2, read_timeout=60.0, max_attempts=1)
+    fs.size(url)  # the HEAD goes through before the stalls start
+    proxy.reset_stats()
+    proxy.set_faults(Burst(kind="stall", count=2, stall_s=30.0))
+    assert within(20, fs.cat_file, url) == data  # not 30 s: the second copies answered
+    stats = fs.stats()
+    assert proxy.stats()["faults"]["stall"] == 2
+    assert stats["store_hedged"] >= 2 and stats["store_hedge_wins"] >= 2
+    assert proxy.stats()["gets"] == 8 + stats["store_hedged"]
+    assert stats["store_requests"] == 8 and stats["bytes_from_store"] == len(data)
 
 
 # -- object store faults through Session.sql ------------------------------------------------------------
