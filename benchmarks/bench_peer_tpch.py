@@ -148,12 +148,15 @@ class PeerBench(bt.Bench):
         cache_dir = self.workdir / f"cache-peer-{query}-{rep}"
         shutil.rmtree(cache_dir, ignore_errors=True)  # empty local cache
         before = self.worker_counters()
+        cpu0 = bt._proc_cpu(self.worker.pid if self.worker else None)
         # Warm-up: owners fill from the store, which may take longer than the default 5 s per batch.
         with self.peer_env(timeout=120 if warmup else None):
             run = self.run_one("peer", query, rep, cache_dir)
+        worker_cpu = bt._proc_cpu(self.worker.pid if self.worker else None) - cpu0
         after = self.worker_counters()
         shutil.rmtree(cache_dir, ignore_errors=True)
         run["worker"] = {k: after[k] - before[k] for k in after}
+        run["worker"]["cpu_s"] = worker_cpu  # the worker process's CPU during the run (user + system)
         if "error" not in run:
             tables = run["profile"]["tables"].values()
             run["profile"]["bytes_from_peers"] = sum(t.get("bytes_from_peers", 0) for t in tables)

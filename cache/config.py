@@ -105,6 +105,11 @@ class CacheConfig:
     memory_size: int = 256 * MiB
     #: Also cache ``file://`` objects (off: a local file is already local).
     cache_local_files: bool = False
+    #: Also store on this SSD what the peer tier served (off: the cluster keeps
+    #: each block once, at its owner, so the peers' SSDs add up instead of all
+    #: holding the same hot blocks; what peers sent stays in the memory tier,
+    #: and reaches this SSD only when memory runs short).
+    keep_peer_copies: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -126,7 +131,8 @@ class CacheConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "CacheConfig":
         """Build from ``SHOAL_CACHE_DIR``, ``SHOAL_CACHE_SIZE``, ``SHOAL_CACHE_BLOCK_SIZE``,
-        ``SHOAL_CACHE`` (``off`` disables), with explicit ``overrides`` winning."""
+        ``SHOAL_CACHE`` (``off`` disables), ``SHOAL_PEER_LOCAL_COPIES`` (``1`` keeps
+        copies of what peers served), with explicit ``overrides`` winning."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         if env.get("SHOAL_CACHE_DIR"):
@@ -137,6 +143,8 @@ class CacheConfig:
             values["block_size"] = parse_size(env["SHOAL_CACHE_BLOCK_SIZE"])
         if env.get("SHOAL_CACHE", "").lower() in {"off", "0", "false", "no"}:
             values["enabled"] = False
+        if env.get("SHOAL_PEER_LOCAL_COPIES", "").lower() in {"1", "true", "yes", "on"}:
+            values["keep_peer_copies"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("size_limit", "block_size", "max_request_size", "memory_size"):
             if key in values:

@@ -195,7 +195,7 @@ class BlockReader:
         # Pieces (byte ranges of blocks) being fetched or not yet on the SSD.
         self._pieces: dict[str, list[tuple[int, int, Future[bytes]]]] = {}
         # Without an SSD cache: pieces kept in memory, oldest first.
-        self._held: collections.deque[tuple[str, Future[bytes], int]] = collections.deque()
+        self._held: collections.deque[tuple[str, int, Future[bytes], int]] = collections.deque()
         self._held_bytes = 0
         self._pending_write_bytes = 0
         self._lock = threading.Lock()
@@ -336,7 +336,8 @@ class BlockReader:
             for index, lo, piece in self._pieces_from_peers(source, version, object_key, wanted):
                 out[index] = piece
                 futures[index].set_result(piece)  # type: ignore[arg-type]
-                self._store_piece(f"{object_key}:{index}", lo, piece, futures[index])
+                self._store_piece(f"{object_key}:{index}", lo, piece, futures[index],
+                                  to_ssd=self.config.keep_peer_copies)
             wanted = [w for w in wanted if w[0] not in out]
         if wanted:
             out.update(self._pieces_from_store(source, version, object_key, wanted,
@@ -408,20 +409,33 @@ class BlockReader:
         else:
             self._pieces.pop(key, None)
 
-    def _store_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes]) -> None:
+    def _store_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes], *,
+                     to_ssd: bool = True) -> None:
         """Write a piece to the SSD off the read path; it stays readable from memory until then.
 
-        Without an SSD cache, pieces stay in memory (bounded by ``memory_size``,
-        oldest dropped first) so that prefetched bytes still reach the reader."""
-        if not self.cache.available:
-            with self._lock:
-                self._held.append((key, future, len(piece)))
-                self._held_bytes += len(piece)
-                while self._held_bytes > self.config.memory_size and self._held:
-                    old_key, old_future, size = self._held.popleft()
-                    self._held_bytes -= size
-                    self._drop_piece(old_key, old_future)
+        Pieces not meant for the SSD (``to_ssd=False``: what a peer served, see
+        ``CacheConfig.keep_peer_copies``), and all pieces when there is no SSD
+        cache, stay in memory, at most ``memory_size`` of them; past that the
+        oldest go to the SSD (if there is one) or are dropped, so that
+        prefetched bytes still reach the reader."""
+        if to_ssd and self.cache.available:
+            self._write_piece(key, lo, piece, future)
             return
+        spill: list[tuple[str, int, Future[bytes]]] = []
+        with self._lock:
+            self._held.append((key, lo, future, len(piece)))
+            self._held_bytes += len(piece)
+            while self._held_bytes > self.config.memory_size and self._held:
+                old_key, old_lo, old_future, size = self._held.popleft()
+                self._held_bytes -= size
+                if self.cache.available:
+                    spill.append((old_key, old_lo, old_future))  # memory is short: keep it on the SSD
+                else:
+                    self._drop_piece(old_key, old_future)
+        for old_key, old_lo, old_future in spill:
+            self._write_piece(old_key, old_lo, old_future.result(), old_future)
+
+    def _write_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes]) -> None:
         # No copy: the buffer under the piece (a store payload, or what the peer tier
         # received into) is never written again.
         data = piece
@@ -631,6 +645,7 @@ class BlockReader:
         if to_fetch:
             try:
                 fetched = self._fetch_from_peers(source, version, object_key, to_fetch)
+                from_peers = set(fetched)
                 rest = [index for index in to_fetch if index not in fetched]
                 if rest:
                     fetched.update(self._fetch_blocks(source, version, rest))
@@ -642,6 +657,8 @@ class BlockReader:
                 key = f"{object_key}:{index}"
                 self._finish(key, owned[index], block)
                 found[index] = block
+                if index in from_peers and not self.config.keep_peer_copies:
+                    continue  # its owner keeps it; here it stays in the memory tier
                 self._write_behind(key, block)
         if wait:
             retry: list[int] = []

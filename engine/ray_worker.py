@@ -80,7 +80,10 @@ class ShoalWorker:
                  protocols: tuple[str, ...], task_delay_s: float = 0.0, secret: bytes | None = None,
                  port: int = 0, peer_timeout: float = 5.0) -> None:
         self.member = member
-        self._cache_config = CacheConfig(**cache)
+        # An actor keeps what it reads, also what its peers served: tasks are placed
+        # on the actor that owns their files (ray_affinity.py), so this SSD is where
+        # that data is read again, also by the actor that replaces this one.
+        self._cache_config = CacheConfig(**{**cache, "keep_peer_copies": True})
         self._store_config = StoreConfig(**store)
         self._protocols = tuple(protocols)
         self._task_delay_s = task_delay_s

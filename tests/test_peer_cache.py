@@ -95,13 +95,15 @@ MakeFs = Callable[..., ShoalFileSystem]
 @pytest.fixture
 def make_fs(s3_endpoint: S3Endpoint, tmp_path: Path) -> Iterator[MakeFs]:
     """A client filesystem with its own cache dir and a peer tier over ``peers``."""
-    made: list[tuple[ShoalFileSystem, PeerTier]] = []
+    made: list[tuple[ShoalFileSystem, PeerTier | None]] = []
 
-    def make(peers: list[str], name: str = "client", **tier: Any) -> ShoalFileSystem:
-        cache = CacheConfig(directory=tmp_path / name, block_size=BS, readahead_blocks=0, max_request_size=BS)
+    def make(peers: list[str], name: str = "client", *, cache_options: dict[str, Any] | None = None,
+             **tier: Any) -> ShoalFileSystem:
+        cache = CacheConfig(directory=tmp_path / name, block_size=BS, readahead_blocks=0, max_request_size=BS,
+                            **(cache_options or {}))
         store = StoreConfig(endpoint_url=s3_endpoint.endpoint_url, access_key=s3_endpoint.access_key,
                             secret_key=s3_endpoint.secret_key, region=s3_endpoint.region)
-        peer_tier = PeerTier(PeerConfig(peers=tuple(peers), mode="tcp", **tier), SECRET)
+        peer_tier = PeerTier(PeerConfig(peers=tuple(peers), mode="tcp", **tier), SECRET) if peers else None
         fs = ShoalFileSystem(cache=cache, store=store, reader=BlockReader(cache, peers=peer_tier))
         made.append((fs, peer_tier))
         return fs
@@ -109,7 +111,8 @@ def make_fs(s3_endpoint: S3Endpoint, tmp_path: Path) -> Iterator[MakeFs]:
     yield make
     for fs, peer_tier in made:
         fs.close()
-        peer_tier.close()
+        if peer_tier is not None:
+            peer_tier.close()
 
 
 def client_gets(fs: ShoalFileSystem) -> int:
@@ -154,7 +157,7 @@ def test_partial_reads_and_prefetch_go_through_the_owners(cluster: Cluster, s3_c
     assert tier.metrics.peer_hits == tier.metrics.piece_hits == 5
     assert tier.metrics.peer_bytes == 100 + 20 + 45 + 1  # only the bytes asked for reach the reader
     assert client_gets(fs) == 0 and cluster.store_gets() - before == 5  # each filled by its owner, once
-    fs.reader.flush()  # pieces from peers are kept locally, as store pieces are
+    fs.reader.flush()  # pieces from peers stay in memory (their owners keep them on SSD)
     assert fs.cat_file(url, start=2 * BS + 5, end=2 * BS + 50) == data[2 * BS + 5 : 2 * BS + 50]
     assert tier.metrics.peer_hits == 5
     other = make_fs(cluster.addresses, "parts2")
@@ -163,6 +166,45 @@ def test_partial_reads_and_prefetch_go_through_the_owners(cluster: Cluster, s3_c
     assert third.cat_file(url, start=2 * BS + 20, end=2 * BS + 30) == data[2 * BS + 20 : 2 * BS + 30]
     assert other.reader.peers.metrics.piece_hits == third.reader.peers.metrics.piece_hits == 1
     assert cluster.store_gets() - before == 5  # the owner served both from the piece it kept
+
+
+def test_what_peers_serve_stays_off_the_local_ssd_unless_asked(cluster: Cluster, s3_client: Any, s3_bucket: str,
+                                                             make_fs: MakeFs) -> None:
+    """By default the cluster keeps a block once, at its owner: a reader keeps what peers
+    sent in memory (read again without a request), not on its own SSD; with
+    ``keep_peer_copies`` it does, and a later process on that directory reads it locally."""
+    url, data = put(s3_client, s3_bucket, "copies.bin", 10 * BS + 100, seed=11)
+    pieces = [(n * BS + 7, n * BS + 900) for n in range(4)]
+    for name, keep in (("nocopy", False), ("copy", True)):
+        fs = make_fs(cluster.addresses, name, cache_options={"keep_peer_copies": keep})
+        assert fs.cat_file(url) == data  # whole blocks
+        assert [fs.cat_file(url, start=a, end=b) for a, b in pieces] == [data[a:b] for a, b in pieces]
+        hits = fs.reader.peers.metrics.peer_hits
+        assert hits == 11 and client_gets(fs) == 0
+        assert fs.cat_file(url) == data and fs.reader.peers.metrics.peer_hits == hits  # memory, not the peers
+        fs.reader.flush()
+        alone = make_fs([], name)  # the same cache directory, no peer tier
+        assert alone.cat_file(url) == data
+        assert client_gets(alone) == (0 if keep else 11), name  # only the copies reached the SSD
+
+
+def test_peer_pieces_beyond_the_memory_budget_go_to_the_ssd(cluster: Cluster, s3_client: Any, s3_bucket: str,
+                                                           make_fs: MakeFs) -> None:
+    """Pieces from peers are held in memory up to ``memory_size``; older ones then go to the
+    SSD instead of being dropped, so a big prefetch still reaches its reader locally."""
+    url, data = put(s3_client, s3_bucket, "spill.bin", 8 * BS, seed=12)
+    fs = make_fs(cluster.addresses, "spill", cache_options={"memory_size": 2 * BS})
+    ranges = [(n * BS + 1, (n + 1) * BS - 1) for n in range(8)]  # 8 pieces of almost a block each
+    assert fs.prefetch(url, ranges) > 0
+    tier = fs.reader.peers
+    deadline = time.monotonic() + 10
+    while tier.metrics.peer_hits < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tier.metrics.peer_hits == 8
+    fs.reader.flush()
+    assert [fs.cat_file(url, start=a, end=b) for a, b in ranges] == [data[a:b] for a, b in ranges]
+    assert tier.metrics.peer_hits == 8 and client_gets(fs) == 0  # all of them still here
+    assert fs.stats()["hits"] >= 6  # at least the 6 beyond the budget were read from the SSD
 
 
 def test_concurrent_readers_share_one_store_read(cluster: Cluster, s3_client: Any, s3_bucket: str,
