@@ -22,6 +22,7 @@ import hashlib
 import functools
 import datetime
 import io
+import json
 import os
 import logging
 import threading
@@ -32,7 +33,7 @@ from fsspec import AbstractFileSystem
 from .config import CacheConfig, StoreConfig
 from .errors import StorageConfigError, StorageError, translate_store_error
 from .reader import BlockReader, ReadCursor
-from .source import ObjectSource, ObjectVersion, open_source, split_url
+from .source import ObjectSource, ObjectVersion, open_source, split_url, versions_from_entries
 from .threadlocal import ThreadSlots
 
 __all__ = ["ShoalFileSystem", "ShoalFile"]
@@ -104,6 +105,7 @@ class ShoalFileSystem(AbstractFileSystem):
         self.reader = reader or BlockReader(self.cache_config, peers=_peers_from_env())
         self._sources: dict[str, ObjectSource] = {}
         self._sources_lock = threading.Lock()
+        self._shared_listings: dict[str, bytes] = {}  # listing key -> digest of what was shared
         self._pins: dict[str, ObjectVersion] | None = None
         self._pins_lock = threading.Lock()
         self._last_error: StorageError | None = None
@@ -199,20 +201,35 @@ class ShoalFileSystem(AbstractFileSystem):
         return hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
 
     def remembered_versions(self, pattern: str) -> list[ObjectVersion] | None:
-        """The listing of ``pattern`` stored on the SSD by an earlier query, or None."""
+        """The listing of ``pattern`` an earlier query stored on the SSD, else the one the
+        peer tier's owner of the listing remembers (from any client), or None.  Advice:
+        the caller checks it against the store's listing (see ``Session._select``)."""
         if "://" not in pattern or pattern.startswith("file://"):
             return None
-        entries = self.reader.cache.get_listing(self._listing_key(pattern))
+        key = self._listing_key(pattern)
+        entries = self.reader.cache.get_listing(key)
         if entries is None:
-            return None
-        try:
-            return [ObjectVersion(**entry) for entry in entries]
-        except TypeError:
-            return None
+            ask = getattr(self.reader.peers, "remembered_listing", None)
+            body = ask(key) if ask is not None else None
+            try:
+                entries = json.loads(body) if body is not None else None
+            except ValueError:
+                entries = None
+        return versions_from_entries(entries, self.canonical(pattern)) if entries is not None else None
 
     def remember_versions(self, pattern: str, versions: list[ObjectVersion]) -> None:
-        if "://" in pattern and not pattern.startswith("file://"):
-            self.reader.cache.put_listing(self._listing_key(pattern), [dataclasses.asdict(v) for v in versions])
+        """Keep the store's listing of ``pattern`` on the SSD, and with its owner peer."""
+        if "://" not in pattern or pattern.startswith("file://"):
+            return
+        key, entries = self._listing_key(pattern), [dataclasses.asdict(v) for v in versions]
+        self.reader.cache.put_listing(key, entries)
+        share = getattr(self.reader.peers, "share_listing", None)
+        if share is not None:
+            body = json.dumps(entries).encode()
+            digest = hashlib.blake2b(body, digest_size=16).digest()
+            if self._shared_listings.get(key) != digest:  # once per listing and process
+                self._shared_listings[key] = digest
+                share(key, body)
 
     def list_versions(self, pattern: str) -> list[ObjectVersion]:
         """List the store now, without pinning (to check a remembered listing)."""

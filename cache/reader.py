@@ -151,6 +151,14 @@ class PeerSource(Protocol):
         """Of the pieces ``(index, key, lo, hi)`` (one per block), those peers delivered (verified)."""
         ...
 
+    def remembered_listing(self, key: str) -> bytes | None:
+        """A listing (JSON) a peer remembers under ``key``, or None."""
+        ...
+
+    def share_listing(self, key: str, body: bytes) -> None:
+        """Offer a listing (JSON) to the peer that remembers ``key``."""
+        ...
+
 
 class ReadCursor:
     """A sequential reader's place: the SSD block it is reading, kept open.

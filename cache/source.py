@@ -21,6 +21,7 @@ that the two never multiply.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import re
@@ -39,7 +40,8 @@ from .errors import (
 )
 from .hedge import HedgePolicy, Hedger
 
-__all__ = ["ObjectVersion", "ObjectSource", "S3Source", "FsspecSource", "open_source", "split_url"]
+__all__ = ["ObjectVersion", "ObjectSource", "S3Source", "FsspecSource", "open_source", "split_url",
+           "versions_from_entries"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +143,34 @@ class ObjectSource(Protocol):
     def fetch(self, version: ObjectVersion, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Bytes ``[start, end)`` of each range, all of ``version``, concurrently."""
         ...
+
+
+_VERSION_FIELDS = frozenset(f.name for f in dataclasses.fields(ObjectVersion))
+
+
+def versions_from_entries(entries: Any, pattern: str) -> list[ObjectVersion] | None:
+    """A listing kept or received as JSON (``dataclasses.asdict`` of each version),
+    checked: every entry well-formed and an object the pattern matches; else None."""
+    if not isinstance(entries, list):
+        return None
+    scheme, _, path = pattern.partition("://")
+    matcher = re.compile(glob_translate(path)) if any(ch in path for ch in "*?[") else None
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not set(entry) <= _VERSION_FIELDS:
+            return None
+        url, size, mtime = entry.get("url"), entry.get("size"), entry.get("mtime")
+        if (not isinstance(url, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0
+                or any(entry.get(k) is not None and not isinstance(entry[k], str) for k in ("etag", "version_id"))
+                or (mtime is not None and (not isinstance(mtime, (int, float)) or isinstance(mtime, bool)))):
+            return None
+        url_scheme, _, url_path = url.partition("://")
+        inside = (matcher.fullmatch(url_path) is not None if matcher is not None
+                  else url_path == path or url_path.startswith(path.rstrip("/") + "/"))
+        if url_scheme != scheme or not inside:
+            return None
+        out.append(ObjectVersion(**entry))
+    return out
 
 
 def _version_from_info(protocol: str, info: dict[str, Any]) -> ObjectVersion:

@@ -291,6 +291,52 @@ def test_query_profile_shows_peer_bytes_apart_from_store_and_cache(cluster: Clus
     assert "from store (0 GETs), " in text and " from peers, " in text
 
 
+def test_a_new_client_plans_on_the_listing_its_peers_remember(cluster: Cluster, s3_client: Any, s3_bucket: str,
+                                                              make_fs: MakeFs) -> None:
+    """A client that lists a table gives the listing to the peer that owns its key; a
+    client with an empty cache plans on it (no LIST before planning) while it lists
+    the store, and re-runs when the store's listing differs (a file added since)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shoal.engine import Session
+
+    rows = 3_000
+
+    def put_part(n: int) -> None:
+        sink = io.BytesIO()
+        pq.write_table(pa.table({"k": list(range(rows)), "v": [n] * rows}), sink)
+        s3_client.put_object(Bucket=s3_bucket, Key=f"lt/part-{n}.parquet", Body=sink.getvalue())
+
+    def query(name: str) -> tuple[ShoalFileSystem, list[dict[str, Any]]]:
+        fs = make_fs(cluster.addresses, name)
+        with Session(fs=fs, workers=1) as session:
+            session.register("lt", f"s3://{s3_bucket}/lt/")
+            return fs, session.sql("SELECT count(*) AS n, sum(v) AS s FROM lt").table.to_pylist()
+
+    def shared(fs: ShoalFileSystem) -> None:
+        deadline = time.monotonic() + 10
+        while fs.reader.peers.metrics.listings_shared < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fs.reader.peers.metrics.listings_shared == 1
+
+    put_part(1)
+    first, rows_first = query("listing-first")
+    assert rows_first == [{"n": rows, "s": rows}] and first.reader.peers.metrics.listings_from_peers == 0
+    shared(first)  # the owner of the listing's key keeps it
+    second, rows_second = query("listing-second")
+    assert rows_second == rows_first and second.reader.peers.metrics.listings_from_peers == 1
+    put_part(2)  # the remembered listing is now one file short
+    third, rows_third = query("listing-third")
+    assert third.reader.peers.metrics.listings_from_peers == 1
+    assert rows_third == [{"n": 2 * rows, "s": 3 * rows}]  # re-run on the store's listing
+    shared(third)  # ...which the owner now keeps
+    fourth, rows_fourth = query("listing-fourth")
+    assert rows_fourth == rows_third and fourth.reader.peers.metrics.listings_from_peers == 1
+
+
 @pytest.fixture
 def small_cluster(s3_endpoint: S3Endpoint, tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(s3_endpoint, tmp_path, 2)

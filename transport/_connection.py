@@ -147,7 +147,7 @@ class _Connection:
         self._send(b"".join(frames))
 
     def control(self, msg_type: MsgType, meta: bytes, deadline: float) -> bytes:
-        """Send a PING/STATS and wait for its answer's metadata."""
+        """Send a PING/STATS/LISTING and wait for its answer's metadata."""
         batch = _Batch(1)
         p = _Pending(0, None, None, batch)
         with self.lock:
@@ -199,7 +199,7 @@ class _Connection:
                     p = self.pending.get(header.req_id)
                     if p is not None and p.state == _WAITING:
                         p.state = _RECEIVING
-                if header.type in (MsgType.PONG, MsgType.STATS_REPLY):
+                if header.type in (MsgType.PONG, MsgType.STATS_REPLY, MsgType.LISTING_REPLY):
                     _io.expect_no_payload(header)
                     if p is not None and p.is_control:
                         p.meta = meta

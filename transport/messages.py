@@ -12,7 +12,9 @@ from .protocol import (
     Reader, Status, Writer,
 )
 
-__all__ = ["Hello", "RdmaSlot", "BlockReply", "encode_get", "decode_get", "encode_error", "decode_error"]
+__all__ = ["Hello", "RdmaSlot", "BlockReply", "encode_get", "decode_get", "encode_error", "decode_error",
+           "LISTING_GET", "LISTING_PUT", "MAX_LISTING", "encode_listing", "decode_listing",
+           "encode_listing_reply", "decode_listing_reply"]
 
 #: Most checksums one BLOCK may carry (a 256 MiB block in 4 KiB chunks).
 MAX_SUMS = 65536
@@ -141,3 +143,42 @@ ERR_PROTOCOL = 1
 ERR_AUTH = 2
 ERR_BUSY = 3
 ERR_SHUTDOWN = 4
+
+
+# -- LISTING / LISTING_REPLY ------------------------------------------------------------
+
+LISTING_GET = 0
+LISTING_PUT = 1
+#: Largest listing body (JSON) one frame carries; longer listings are not shared.
+MAX_LISTING = 60 << 10
+_LISTING_KEY = 64
+
+
+def encode_listing(op: int, key: str, body: bytes = b"") -> bytes:
+    """LISTING metadata: op u8 (get / put) | key | body (a put's listing, JSON)."""
+    if op not in (LISTING_GET, LISTING_PUT) or len(body) > MAX_LISTING:
+        raise ValueError("bad listing request")
+    return Writer().u8(op).text(key, _LISTING_KEY).blob(body, MAX_LISTING).getvalue()
+
+
+def decode_listing(meta: bytes) -> tuple[int, str, bytes]:
+    r = Reader(meta)
+    op, key, body = r.u8(), r.text(_LISTING_KEY), r.blob(MAX_LISTING)
+    r.done()
+    if op not in (LISTING_GET, LISTING_PUT) or not key or (op == LISTING_GET and body):
+        raise ProtocolError("bad LISTING request")
+    return op, key, body
+
+
+def encode_listing_reply(body: bytes | None) -> bytes:
+    """LISTING_REPLY metadata: found u8 | body (the remembered listing for a get)."""
+    return Writer().u8(0 if body is None else 1).blob(body or b"", MAX_LISTING).getvalue()
+
+
+def decode_listing_reply(meta: bytes) -> bytes | None:
+    r = Reader(meta)
+    found, body = r.u8(), r.blob(MAX_LISTING)
+    r.done()
+    if found not in (0, 1):
+        raise ProtocolError("bad LISTING_REPLY")
+    return body if found else None

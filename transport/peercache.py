@@ -99,6 +99,9 @@ class PeerMetrics:
     timeouts: int = 0
     self_owned: int = 0
     no_live_peer: int = 0
+    #: Remembered listings an owner answered, and listings handed to owners to remember.
+    listings_from_peers: int = 0
+    listings_shared: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -115,6 +118,8 @@ class PeerMetrics:
 
 
 _SHARED_SCHEMES = ("s3://", "s3a://")
+#: Longest wait for an owner's remembered listing (on a query's critical path).
+_LISTING_TIMEOUT_S = 1.0
 
 
 class _Want(NamedTuple):
@@ -261,6 +266,46 @@ class PeerTier:
                     # counted as a block of block_length bytes; the reader gets the piece
                     self.metrics.add(peer_bytes=(want.hi - want.lo) - want.block_length)
         return found
+
+    # -- remembered listings ------------------------------------------------------
+    # A client with an empty cache (a new process, a new machine) would list the
+    # store before planning; the owner of the listing's key may remember the
+    # listing from another client.  Advice only: the session plans on it while it
+    # lists the store, and re-runs if the two differ.
+
+    def remembered_listing(self, key: str) -> bytes | None:
+        """The listing (JSON) the owner of ``key`` remembers, or None (a peer problem too)."""
+        owner = self.membership.owner(key)
+        remote = getattr(self.transport, "remote_listing", None)
+        if owner is None or self.membership.is_self(owner) or remote is None:
+            return None
+        try:
+            body = remote(owner, key, timeout=min(self.config.timeout, _LISTING_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - then the store is listed, as without peers
+            logger.debug("no remembered listing from %s: %s", owner, exc)
+            return None
+        if body is not None:
+            self.metrics.add(listings_from_peers=1)
+        return body
+
+    def share_listing(self, key: str, body: bytes) -> None:
+        """Give the owner of ``key`` a listing to remember (in the background)."""
+        owner = self.membership.owner(key)
+        share = getattr(self.transport, "share_listing", None)
+        if owner is None or self.membership.is_self(owner) or share is None:
+            return
+
+        def send() -> None:
+            try:
+                if share(owner, key, body, timeout=min(self.config.timeout, _LISTING_TIMEOUT_S)):
+                    self.metrics.add(listings_shared=1)
+            except Exception as exc:  # noqa: BLE001 - a listing not shared costs a later LIST
+                logger.debug("could not share a listing with %s: %s", owner, exc)
+
+        try:
+            self._pool.submit(send)
+        except RuntimeError:  # closing
+            pass
 
     # -- stats ------------------------------------------------------------------
 

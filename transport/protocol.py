@@ -21,8 +21,13 @@ Connection life: ``HELLO`` (client nonce, capabilities) -> ``CHALLENGE``
 ``ERROR``; both HMACs are over the whole transcript with distinct labels, so
 each side proves it knows the cluster secret and neither answer can be
 replayed as the other.  Then ``GET`` / ``BLOCK`` (pipelined, matched by
-request id, answered in any order), ``PING`` / ``PONG``, ``STATS``, and the
-RDMA handshake ``RDMA_CONNECT`` / ``RDMA_ACCEPT`` / ``RDMA_REJECT``.
+request id, answered in any order), ``PING`` / ``PONG``, ``STATS``, the
+RDMA handshake ``RDMA_CONNECT`` / ``RDMA_ACCEPT`` / ``RDMA_REJECT``, and
+``LISTING`` / ``LISTING_REPLY`` (servers that offer ``CAP_LISTING``): a
+client asks the owner of a listing key for the listing it remembers, or
+gives it one to remember.  A listing is advice: the client plans on it only
+while it lists the store itself, and re-runs on the store's answer if the
+two differ (see ``shoal.engine.session``).
 
 Ranged GETs (``FLAG_RANGE``, offered by servers that set ``CAP_RANGE``) ask
 for bytes ``[offset, offset + length)`` of a block instead of all of it (a
@@ -51,7 +56,7 @@ from .errors import FrameTooLarge, ProtocolError
 
 __all__ = [
     "MAGIC", "VERSION", "HEADER", "MsgType", "Status", "Header", "Limits",
-    "FLAG_FILL", "FLAG_RDMA", "FLAG_RANGE", "CAP_RDMA", "CAP_RANGE", "CHUNK",
+    "FLAG_FILL", "FLAG_RDMA", "FLAG_RANGE", "CAP_RDMA", "CAP_RANGE", "CAP_LISTING", "CHUNK",
     "encode_frame", "decode_header", "check_meta", "Writer", "Reader",
     "chunk_sums", "verify_chunks", "auth_mac",
 ]
@@ -73,6 +78,8 @@ FLAG_RANGE = 0x4
 CAP_RDMA = 0x1
 #: Capability bit in CHALLENGE: this server answers ranged GETs (``FLAG_RANGE``).
 CAP_RANGE = 0x2
+#: Capability bit in CHALLENGE: this server remembers listings (``LISTING``).
+CAP_LISTING = 0x4
 
 #: Checksum granularity when the sender computes the checksums itself.
 CHUNK = 64 << 10
@@ -99,6 +106,8 @@ class MsgType(enum.IntEnum):
     PONG = 19
     STATS = 20
     STATS_REPLY = 21
+    LISTING = 22
+    LISTING_REPLY = 23
     RDMA_CONNECT = 32
     RDMA_ACCEPT = 33
     RDMA_REJECT = 34
@@ -106,7 +115,7 @@ class MsgType(enum.IntEnum):
 
 _TYPES = frozenset(int(t) for t in MsgType)
 #: Frames a client may send once authenticated (a server refuses anything else).
-CLIENT_TYPES = frozenset({MsgType.GET, MsgType.PING, MsgType.STATS, MsgType.RDMA_CONNECT})
+CLIENT_TYPES = frozenset({MsgType.GET, MsgType.PING, MsgType.STATS, MsgType.RDMA_CONNECT, MsgType.LISTING})
 
 
 class Status(enum.IntEnum):

@@ -99,6 +99,17 @@ class CacheProvider:
         self.filler = filler
         self.counters = _Counters()
 
+    # Listings remembered for peers (LISTING): kept where this cache keeps its own.
+
+    def get_listing(self, key: str) -> list[dict[str, Any]] | None:
+        get = getattr(self.cache, "get_listing", None)
+        return get(key) if get is not None else None
+
+    def put_listing(self, key: str, entries: list[dict[str, Any]]) -> None:
+        put = getattr(self.cache, "put_listing", None)
+        if put is not None:
+            put(key, entries)
+
     def _cached_range(self, request: BlockRequest) -> ServedBlock | None:
         """A ranged request from the cache: a slice of the whole block or of one stored
         piece (zero-copy), else bytes assembled from pieces (verified, in memory)."""

@@ -30,10 +30,11 @@ from . import _io
 from .base import BlockProvider, BlockRequest, PeerAddress, ServedBlock
 from .errors import AuthenticationFailed, PeerUnavailable, ProtocolError, RdmaError, TransportError
 from .messages import (
-    ERR_AUTH, ERR_PROTOCOL, BlockReply, Hello, RdmaSlot, decode_get, encode_error,
+    ERR_AUTH, ERR_PROTOCOL, LISTING_GET, MAX_LISTING, BlockReply, Hello, RdmaSlot, decode_get, decode_listing,
+    encode_error, encode_listing_reply,
 )
 from .protocol import (
-    CAP_RANGE, CAP_RDMA, CLIENT_TYPES, FLAG_RDMA, MAX_TEXT, NONCE_BYTES, Limits, MsgType, Status,
+    CAP_LISTING, CAP_RANGE, CAP_RDMA, CLIENT_TYPES, FLAG_RDMA, MAX_TEXT, NONCE_BYTES, Limits, MsgType, Status,
     auth_mac, chunk_sums, encode_frame,
 )
 
@@ -96,6 +97,8 @@ class ServerMetrics:
     rdma_rejected: int = 0
     busy: int = 0
     refused: int = 0
+    listings_served: int = 0
+    listings_stored: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -277,7 +280,8 @@ class _ServerConnection:
         if header.type is not MsgType.HELLO:
             raise ProtocolError(f"expected HELLO, got {header.type.name}")
         hello = Hello.decode(hello_meta)
-        caps = CAP_RANGE | (CAP_RDMA if self.server.rdma is not None else 0)
+        caps = (CAP_RANGE | (CAP_RDMA if self.server.rdma is not None else 0)
+                | (CAP_LISTING if hasattr(self.server.provider, "get_listing") else 0))
         challenge = Hello(secrets.token_bytes(NONCE_BYTES), caps, self.config.max_block,
                           self.config.max_inflight, self.config.node).encode()
         self.sock.sendall(encode_frame(MsgType.CHALLENGE, 0, challenge))
@@ -308,6 +312,33 @@ class _ServerConnection:
                 self._send(encode_frame(MsgType.STATS_REPLY, header.req_id, body))
             elif header.type is MsgType.RDMA_CONNECT:
                 self._on_rdma_connect(header.req_id, meta)
+            elif header.type is MsgType.LISTING:
+                self._on_listing(header.req_id, meta)
+
+    def _on_listing(self, req_id: int, meta: bytes) -> None:
+        """Answer a remembered listing, or remember one (JSON: a list of objects; the
+        client that uses it checks every entry, and the store's listing decides)."""
+        op, key, body = decode_listing(meta)
+        provider: Any = self.server.provider
+        if not hasattr(provider, "get_listing"):
+            raise ProtocolError("LISTING sent to a server that did not offer it")
+        if op == LISTING_GET:
+            entries = provider.get_listing(key)
+            raw = json.dumps(entries).encode() if entries is not None else None
+            if raw is not None and len(raw) > MAX_LISTING:
+                raw = None
+            self.server.metrics.add(listings_served=1 if raw is not None else 0)
+            self._send(encode_frame(MsgType.LISTING_REPLY, req_id, encode_listing_reply(raw)))
+            return
+        try:
+            entries = json.loads(body)
+        except ValueError:
+            raise ProtocolError("unreadable listing") from None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ProtocolError("a listing is a list of objects")
+        provider.put_listing(key, entries)
+        self.server.metrics.add(listings_stored=1)
+        self._send(encode_frame(MsgType.LISTING_REPLY, req_id, encode_listing_reply(b"")))
 
     def _on_rdma_connect(self, req_id: int, meta: bytes) -> None:
         acceptor = self.server.rdma

@@ -42,8 +42,12 @@ from ._connection import (
 )
 from .base import BlockRequest, BlockTransport, Outcome, PeerAddress, TransportMetrics
 from .errors import AuthenticationFailed, PeerUnavailable, ProtocolError, RdmaError, TransportError, TransportTimeout
-from .messages import ERR_AUTH, Hello, decode_error
-from .protocol import CAP_RANGE, CAP_RDMA, HARD_MAX_PAYLOAD, NONCE_BYTES, Limits, MsgType, auth_mac, encode_frame
+from .messages import (
+    ERR_AUTH, LISTING_GET, LISTING_PUT, MAX_LISTING, Hello, decode_error, decode_listing_reply, encode_listing,
+)
+from .protocol import (
+    CAP_LISTING, CAP_RANGE, CAP_RDMA, HARD_MAX_PAYLOAD, NONCE_BYTES, Limits, MsgType, auth_mac, encode_frame,
+)
 from .server import CLIENT_LABEL, SERVER_LABEL
 
 __all__ = ["TcpTransport", "ClientConfig", "RdmaConnector", "RdmaClientSession"]
@@ -369,6 +373,26 @@ class TcpTransport(BlockTransport):
         if not isinstance(data, dict):
             raise ProtocolError(f"unreadable STATS answer from {peer}")
         return data
+
+    def remote_listing(self, peer: PeerAddress | str, key: str, timeout: float = 1.0) -> bytes | None:
+        """The listing (JSON) ``peer`` remembers under ``key``, or None (none kept, or
+        a server that does not keep listings)."""
+        conn = self._connections(PeerAddress.parse(peer))[0]
+        if not conn.server.caps & CAP_LISTING:
+            return None
+        meta = conn.control(MsgType.LISTING, encode_listing(LISTING_GET, key), time.monotonic() + timeout)
+        return decode_listing_reply(meta)
+
+    def share_listing(self, peer: PeerAddress | str, key: str, body: bytes, timeout: float = 1.0) -> bool:
+        """Give ``peer`` a listing (JSON, at most ``MAX_LISTING`` bytes) to remember;
+        False when it does not keep listings or the listing is too long to share."""
+        if len(body) > MAX_LISTING:
+            return False
+        conn = self._connections(PeerAddress.parse(peer))[0]
+        if not conn.server.caps & CAP_LISTING:
+            return False
+        conn.control(MsgType.LISTING, encode_listing(LISTING_PUT, key, body), time.monotonic() + timeout)
+        return True
 
     def drop_peer(self, peer: PeerAddress | str) -> None:
         """Close the connections to one peer (they reopen on the next fetch)."""
