@@ -22,6 +22,7 @@ owns itself are not requested over the network.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
 import threading
@@ -229,7 +230,7 @@ class PeerTier:
             else:
                 requests.append(BlockRequest(key=want.key, token=version.token, length=want.block_length,
                                              origin=origin))
-        buffers = [memoryview(bytearray(request.length)) for request in requests]
+        buffers = _receive_buffers([request.length for request in requests])
         start = time.monotonic()
         try:
             outcomes = self.transport.fetch(owner, requests, buffers, timeout=self.config.timeout)
@@ -326,6 +327,25 @@ class PeerTier:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
+
+
+def _receive_buffers(lengths: Sequence[int]) -> list[memoryview]:
+    """Buffers for one batch's answers, all slices of one anonymous mapping.
+
+    ``bytearray(n)`` writes zeros over every page before the transport writes the
+    data over them again; a mapping's pages are zero when first touched, by the
+    receive itself (a batch of pieces for a query is tens of MiB: the zeroing
+    pass cost ~30 ms of a ~250 ms query here).  The mapping lives as long as
+    any piece cut from it is referenced."""
+    total = sum(lengths)
+    if total == 0:
+        return [memoryview(b"") for _ in lengths]
+    region = memoryview(mmap.mmap(-1, total))
+    out, at = [], 0
+    for length in lengths:
+        out.append(region[at : at + length])
+        at += length
+    return out
 
 
 def _make_transport(config: PeerConfig, secret: bytes) -> BlockTransport:
