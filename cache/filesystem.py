@@ -364,7 +364,8 @@ class ShoalFileSystem(AbstractFileSystem):
             enabled=self.reader.cache.available,
         )
         with self._sources_lock:
-            hedgers = [s.hedger for s in self._sources.values() if getattr(s, "hedger", None) is not None]
+            hedgers = [h for s in self._sources.values()
+                       for h in (getattr(s, "hedger", None), getattr(s, "list_hedger", None)) if h is not None]
         if hedgers:  # second copies of slow store requests (see shoal.cache.hedge)
             data["store_hedged"] = sum(h.hedged for h in hedgers)
             data["store_hedge_wins"] = sum(h.hedge_wins for h in hedgers)

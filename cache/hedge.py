@@ -10,7 +10,7 @@ time, and taking whichever answers first, cuts that tail at the price of a
 few percent more requests (and almost no extra bytes: the loser is cancelled
 before or just after its first byte).
 
-Only idempotent reads are hedged (GETs of a pinned version, HEADs), and a
+Only idempotent reads are hedged (GETs of a pinned version, HEADs, LISTs), and a
 budget bounds the extra load: a store that is slow because it is overloaded
 must not get twice the requests.
 """

@@ -214,6 +214,7 @@ class S3Source:
         self.fs.retries = 1
         self.max_concurrency = max_concurrency
         self.hedger = Hedger(HedgePolicy(enabled=config.hedge, after_s=config.hedge_after))
+        self.list_hedger = Hedger(HedgePolicy(enabled=config.hedge, after_s=config.hedge_after))
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self.requests = 0
         self.bytes_fetched = 0
@@ -236,31 +237,33 @@ class S3Source:
 
     def glob(self, pattern: str) -> list[ObjectVersion]:
         path = split_url(pattern)[1]
-
-        def listing() -> list[dict[str, Any]]:
-            if any(ch in path for ch in "*?["):
-                return self._list_matching(path)
-            info = self.fs.info(path)
-            if info.get("type") == "directory":
-                return [i for i in self.fs.find(path, detail=True).values()]
-            return [info]
-
-        infos = self._metadata(pattern, listing)
+        # Hedged like GETs, with a delay of their own: a LIST takes longer than a GET's
+        # first byte, and a query planned on a remembered listing waits for the store's.
+        infos = self._metadata(pattern, lambda: sync(self.fs.loop, self.list_hedger.run,
+                                                     lambda: self._listing(path), what="LIST"))
         return sorted((_version_from_info("s3", i) for i in infos), key=lambda v: v.url)
+
+    async def _listing(self, path: str) -> list[dict[str, Any]]:
+        if any(ch in path for ch in "*?["):
+            return await self._list_matching(path)
+        info = await self.fs._info(path)
+        if info.get("type") == "directory":
+            return list((await self.fs._find(path, detail=True)).values())
+        return [info]
 
     def warm_up(self) -> None:
         """Create the S3 client now (session, credentials, service model), not on first use."""
         sync(self.fs.loop, self.fs.set_session)
 
-    def _list_matching(self, path: str) -> list[dict[str, Any]]:
+    async def _list_matching(self, path: str) -> list[dict[str, Any]]:
         # One recursive listing under the pattern's fixed prefix, filtered here:
         # s3fs's own glob costs several requests (info, exists, per-level ls).
         fixed = re.split(r"[*?\[]", path, maxsplit=1)[0]
         root = fixed.rsplit("/", 1)[0] if "/" in fixed else fixed
         if "/" not in root:  # the bucket itself: let s3fs check that it exists
-            self.fs.info(root)
+            await self.fs._info(root)
         matcher = re.compile(glob_translate(path))
-        found = self.fs.find(root, detail=True)
+        found = await self.fs._find(root, detail=True)
         return [i for name, i in found.items() if i.get("type") != "directory" and matcher.match(name)]
 
     def fetch(self, version: ObjectVersion, ranges: Sequence[tuple[int, int]]) -> list[bytes]:

@@ -247,6 +247,21 @@ def test_first_byte_stall_is_hedged(proxy: s3proxy.S3Proxy, make_fs: MakeFs, s3_
     assert stats["store_requests"] == 8 and stats["bytes_from_store"] == len(data)
 
 
+def test_a_stalled_listing_is_hedged(proxy: s3proxy.S3Proxy, make_fs: MakeFs, s3_client: Any,
+                                    s3_bucket: str) -> None:
+    """The first LIST stalls 30 s: a second copy is sent after 0.2 s and its answer is
+    the listing (a query planned on a remembered listing waits for this one)."""
+    urls = sorted(put_bytes(s3_client, s3_bucket, f"listed/part-{n}.bin", 100 + n, seed=n)[0] for n in range(3))
+    fs = make_fs(hedge=True, hedge_after=0.2, read_timeout=60.0, max_attempts=1)
+    source = fs.source("s3")
+    proxy.reset_stats()
+    proxy.set_faults(Burst(kind="stall", count=1, stall_s=30.0))  # the LIST is the first GET
+    versions = within(20, source.glob, f"s3://{s3_bucket}/listed/*.bin")
+    assert [v.url for v in versions] == urls and [v.size for v in versions] == [100, 101, 102]
+    assert proxy.stats()["faults"]["stall"] == 1
+    assert fs.stats()["store_hedged"] == 1 and fs.stats()["store_hedge_wins"] == 1
+
+
 # -- object store faults through Session.sql ------------------------------------------------------------
 
 
