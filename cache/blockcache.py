@@ -27,7 +27,7 @@ import diskcache
 
 from .blockfile import Corrupt, OpenBlock, Sealed, read_range
 from .config import CacheConfig
-from .gated import FORK_GATE, GatedCache
+from .gated import FORK_GATE, BlockDisk, GatedCache
 from .index import ObjectIndex
 
 __all__ = ["BlockCache", "CacheMetrics"]
@@ -136,6 +136,7 @@ class BlockCache:
                 eviction_policy="least-recently-stored",
                 statistics=False,
                 timeout=10,
+                disk=BlockDisk,
             )
             # Counters live apart from the blocks so that eviction never drops them.
             self._stats = GatedCache(str(config.directory / "stats"), timeout=10)
