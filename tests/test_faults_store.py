@@ -236,14 +236,18 @@ def test_first_byte_stall_is_hedged(proxy: s3proxy.S3Proxy, make_fs: MakeFs, s3_
     the store saw one GET more per stalled one, and the losers were not counted as reads."""
     url, data = put_bytes(s3_client, s3_bucket, "hedge.bin", 8 * BS - 7, seed=4)
     fs = make_fs(hedge=True, hedge_after=0.2, read_timeout=60.0, max_attempts=1)
-    fs.size(url)  # the HEAD goes through before the stalls start
+    fs.size(url)  # the HEAD goes through before the stalls start (on a busy machine it may be hedged too)
+    before = fs.stats()
     proxy.reset_stats()
     proxy.set_faults(Burst(kind="stall", count=2, stall_s=30.0))
     assert within(20, fs.cat_file, url) == data  # not 30 s: the second copies answered
     stats = fs.stats()
+    hedged = stats["store_hedged"] - before["store_hedged"]
     assert proxy.stats()["faults"]["stall"] == 2
-    assert stats["store_hedged"] >= 2 and stats["store_hedge_wins"] >= 2
-    assert proxy.stats()["gets"] == 8 + stats["store_hedged"]
+    assert hedged >= 2 and stats["store_hedge_wins"] - before["store_hedge_wins"] >= 2
+    # Each stalled GET cost one more; a copy sent for a merely slow GET may be cancelled
+    # before it leaves when the first answers meanwhile.
+    assert 8 + 2 <= proxy.stats()["gets"] <= 8 + hedged
     assert stats["store_requests"] == 8 and stats["bytes_from_store"] == len(data)
 
 
@@ -259,7 +263,7 @@ def test_a_stalled_listing_is_hedged(proxy: s3proxy.S3Proxy, make_fs: MakeFs, s3
     versions = within(20, source.glob, f"s3://{s3_bucket}/listed/*.bin")
     assert [v.url for v in versions] == urls and [v.size for v in versions] == [100, 101, 102]
     assert proxy.stats()["faults"]["stall"] == 1
-    assert fs.stats()["store_hedged"] == 1 and fs.stats()["store_hedge_wins"] == 1
+    assert fs.stats()["store_hedged"] >= 1 and fs.stats()["store_hedge_wins"] >= 1
 
 
 # -- object store faults through Session.sql ------------------------------------------------------------
