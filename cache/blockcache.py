@@ -105,7 +105,7 @@ class BlockCache:
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self.metrics = CacheMetrics()
-        self._cache: GatedCache | None = None  # every diskcache call waits out a fork (_ForkGate)
+        self._cache: GatedCache | None = None  # every diskcache call waits out a fork (FORK_GATE)
         self._stats: GatedCache | None = None
         self._skip_writes = 0
         self._consecutive_failures = 0

@@ -1,6 +1,6 @@
 """A cache block's file: its data, per-chunk checksums and a checksummed footer.
 
-Written once (:func:`seal` / :class:`Sealed`, streamed into diskcache) and read
+Written once (:class:`Sealed`, streamed into diskcache) and read
 back verified: :class:`OpenBlock` keeps a block file open with its checksum
 table verified once, and every read verifies the 64 KiB chunks it covers.
 """
@@ -11,11 +11,11 @@ import io
 import os
 import struct
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import xxhash
 
-__all__ = ["CHUNK", "Corrupt", "OpenBlock", "Sealed", "read_footer", "read_range", "seal", "trailer"]
+__all__ = ["CHUNK", "Corrupt", "OpenBlock", "Sealed", "read_range", "trailer"]
 
 # Stored block layout: data || one xxh3_64 per CHUNK of data || footer.
 # Chunks let a read of a few hundred KiB verify (and read) only the chunks it
@@ -29,11 +29,6 @@ def trailer(view: memoryview) -> bytes:
     sums = struct.pack(f"<{count}Q", *(xxhash.xxh3_64_intdigest(view[i * CHUNK : (i + 1) * CHUNK]) for i in range(count)))
     head = struct.pack("<QIId", len(view), CHUNK, count, time.time())
     return b"".join((sums, head, struct.pack("<Q", xxhash.xxh3_64_intdigest(sums + head))))
-
-
-def seal(data: bytes | memoryview) -> bytes:
-    view = memoryview(data)
-    return b"".join((view, trailer(view)))
 
 
 class Sealed:
@@ -60,22 +55,38 @@ class Corrupt(Exception):
     pass
 
 
-def read_footer(handle: BinaryIO) -> tuple[int, int, float, tuple[int, ...]]:
-    """Verified footer of a sealed block file: (data length, chunk size, time stored,
+def _footer(total: int, read_at: Callable[[int, int], bytes]) -> tuple[int, int, float, bytes]:
+    """Verified footer of a sealed block file of ``total`` bytes, read with
+    ``read_at(size, offset)``: (data length, chunk size, time stored, raw
     per-chunk sums); raises :class:`Corrupt` for a short, truncated or altered file."""
-    total = handle.seek(0, io.SEEK_END)
     if total < _FOOTER.size:
         raise Corrupt("too short")
-    handle.seek(total - _FOOTER.size)
-    length, chunk, count, stored_at, footer_sum = _FOOTER.unpack(handle.read(_FOOTER.size))
+    length, chunk, count, stored_at, footer_sum = _FOOTER.unpack(read_at(_FOOTER.size, total - _FOOTER.size))
     if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER.size:
         raise Corrupt("bad footer or truncated")
-    handle.seek(length)
-    sums_raw = handle.read(8 * count)
+    sums = read_at(8 * count, length)
     head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
-    if xxhash.xxh3_64_intdigest(sums_raw + head) != footer_sum:
+    if xxhash.xxh3_64_intdigest(sums + head) != footer_sum:
         raise Corrupt("bad checksum table")
-    return length, chunk, stored_at, struct.unpack(f"<{count}Q", sums_raw)
+    return length, chunk, stored_at, sums
+
+
+def _check_chunks(raw: memoryview, chunk: int, sums: bytes, first: int, last: int) -> None:
+    """Raise :class:`Corrupt` unless ``raw`` (chunks ``first`` to ``last`` of a block,
+    the last one possibly short) matches their stored sums."""
+    count = last + 1 - first
+    expected = struct.unpack_from(f"<{count}Q", sums, 8 * first)
+    for n in range(count):
+        if xxhash.xxh3_64_intdigest(raw[n * chunk : (n + 1) * chunk]) != expected[n]:
+            raise Corrupt(f"chunk {first + n} checksum mismatch")
+
+
+def _read_at(handle: BinaryIO) -> Callable[[int, int], bytes]:
+    def read_at(size: int, offset: int) -> bytes:
+        handle.seek(offset)
+        return handle.read(size)
+
+    return read_at
 
 
 def read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, int, float]:
@@ -83,17 +94,15 @@ def read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, i
 
     Returns (bytes, block length, time stored); raises :class:`Corrupt`.
     """
-    length, chunk, stored_at, sums = read_footer(handle)
+    length, chunk, stored_at, sums = _footer(handle.seek(0, io.SEEK_END), _read_at(handle))
     hi = length if hi is None else min(hi, length)
     if hi <= lo:
         return memoryview(b""), length, stored_at
     first, last = lo // chunk, (hi - 1) // chunk
-    handle.seek(first * chunk)
-    raw = memoryview(handle.read(min((last + 1) * chunk, length) - first * chunk))
-    for n, index in enumerate(range(first, last + 1)):
-        if xxhash.xxh3_64_intdigest(raw[n * chunk : (n + 1) * chunk]) != sums[index]:
-            raise Corrupt(f"chunk {index} checksum mismatch")
     base = first * chunk
+    handle.seek(base)
+    raw = memoryview(handle.read(min((last + 1) * chunk, length) - base))
+    _check_chunks(raw, chunk, sums, first, last)
     return raw[lo - base : hi - base], length, stored_at
 
 
@@ -130,20 +139,10 @@ class OpenBlock:
             self.fd = -1
 
     def _verify_footer(self, fd: int) -> None:
-        total = os.fstat(fd).st_size
-        if total < _FOOTER.size:
-            raise Corrupt("too short")
-        length, chunk, count, stored_at, footer_sum = _FOOTER.unpack(os.pread(fd, _FOOTER.size,
-                                                                              total - _FOOTER.size))
-        if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER.size:
-            raise Corrupt("bad footer or truncated")
-        head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
-        sums = os.pread(fd, 8 * count, length)
-        if xxhash.xxh3_64_intdigest(sums + head) != footer_sum:
-            raise Corrupt("bad checksum table")
         # The verified table (8 bytes per 64 KiB chunk) stays: reads need not
         # read it again, and a table changed on disk since cannot vouch for data.
-        self.length, self.chunk, self.stored_at, self.sums = length, chunk, stored_at, sums
+        self.length, self.chunk, self.stored_at, self.sums = _footer(
+            os.fstat(fd).st_size, lambda size, offset: os.pread(fd, size, offset))
 
     def read(self, lo: int, hi: int | None) -> memoryview:
         """Bytes ``[lo, hi)``, verified chunk by chunk (raises :class:`Corrupt`)."""
@@ -159,8 +158,5 @@ class OpenBlock:
         raw = memoryview(os.pread(self.fd, want, base))
         if len(raw) != want:
             raise Corrupt("truncated")
-        sums = struct.unpack_from(f"<{last + 1 - first}Q", self.sums, 8 * first)
-        for n in range(last + 1 - first):
-            if xxhash.xxh3_64_intdigest(raw[n * chunk : (n + 1) * chunk]) != sums[n]:
-                raise Corrupt(f"chunk {first + n} checksum mismatch")
+        _check_chunks(raw, chunk, self.sums, first, last)
         return raw[lo - base : hi - base]

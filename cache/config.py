@@ -175,9 +175,9 @@ class StoreConfig:
     read_timeout: float = 60.0
     #: Attempts for retryable errors (503 SlowDown, resets), with backoff.
     max_attempts: int = 5
-    #: Send a second copy of a GET or HEAD whose first byte is late (see
+    #: Send a second copy of a GET, HEAD or LIST whose answer is late (see
     #: :mod:`shoal.cache.hedge`); ``hedge_after`` fixes the delay in seconds,
-    #: ``None`` adapts it to the store (4x the median first-byte time).
+    #: ``None`` adapts it to the store (3x the median time of recent ones).
     hedge: bool = True
     hedge_after: float | None = None
 

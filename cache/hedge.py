@@ -126,33 +126,27 @@ class Hedger:
         delay = self.delay()
         t0 = loop.time()
         first = asyncio.ensure_future(make_request())
-        if delay is None:
-            result = await first
-            self._record(loop.time() - t0)
-            return result
-        try:
-            done, _ = await asyncio.wait({first}, timeout=delay)
-        except BaseException:
-            first.cancel()
-            raise
-        if done:
-            result = first.result()  # raises the first copy's error: nothing to hedge against
-            self._record(loop.time() - t0)
-            return result
-        if not self._may_hedge():
-            result = await first
-            self._record(loop.time() - t0)
-            return result
-        logger.debug("hedging a slow %s after %.3f s", what, delay)
-        second = asyncio.ensure_future(make_request())
-        copies = [first, second]
-        try:
-            return await self._first_answer(copies, on_loser, loop, (t0, loop.time()))
-        finally:
-            for task in copies:
-                if not task.done():
-                    task.cancel()
-                    task.add_done_callback(lambda t: self._settle_loser(t, on_loser))
+        if delay is not None:
+            try:
+                done, _ = await asyncio.wait({first}, timeout=delay)
+            except BaseException:
+                first.cancel()
+                raise
+            # Answered in time (or failed: an error is not slowness), or out of budget:
+            # the first copy's answer, whenever it comes.
+            if not done and self._may_hedge():
+                logger.debug("hedging a slow %s after %.3f s", what, delay)
+                copies = [first, asyncio.ensure_future(make_request())]
+                try:
+                    return await self._first_answer(copies, on_loser, loop, (t0, loop.time()))
+                finally:
+                    for task in copies:
+                        if not task.done():
+                            task.cancel()
+                            task.add_done_callback(lambda t: self._settle_loser(t, on_loser))
+        result = await first
+        self._record(loop.time() - t0)
+        return result
 
     async def _first_answer(self, copies: list[asyncio.Future[T]], on_loser: Callable[[T], None] | None,
                             loop: asyncio.AbstractEventLoop, started: tuple[float, float]) -> T:

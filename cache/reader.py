@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from .blockcache import BlockCache
 from .config import CacheConfig
@@ -445,24 +445,9 @@ class BlockReader:
 
     def _write_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes]) -> None:
         # No copy: the buffer under the piece (a store payload, or what the peer tier
-        # received into) is never written again.
-        data = piece
-
-        def write() -> None:
-            try:
-                self.cache.put_piece(key, lo, data)
-            finally:
-                with self._lock:
-                    self._pending_write_bytes -= len(data)
-                    self._drop_piece(key, future)
-
-        with self._lock:
-            inline = self._pending_write_bytes + len(data) > _MAX_PENDING_WRITE_BYTES
-            self._pending_write_bytes += len(data)
-        if inline:  # the writer is behind: write in this thread (backpressure)
-            write()
-        else:
-            self._writer.submit(write)
+        # received into) is never written again.  Until written it is read from memory.
+        self._write_later(len(piece), lambda: self.cache.put_piece(key, lo, piece),
+                          lambda: self._drop_piece(key, future))
 
     def prefetch_ranges(self, source: ObjectSource, version: ObjectVersion,
                         ranges: Sequence[tuple[int, int]], *, gap: int = 64 << 10) -> int:
@@ -680,23 +665,29 @@ class BlockReader:
         return found
 
     def _write_behind(self, key: str, block: bytes) -> None:
-        """Write to SSD off the read path; past the pending cap, write inline (backpressure)."""
-        with self._lock:
-            inline = self._pending_write_bytes + len(block) > _MAX_PENDING_WRITE_BYTES
-            if not inline:
-                self._pending_write_bytes += len(block)
-        if inline:
-            self.cache.put(key, block)
-            return
+        """Write a block to the SSD off the read path."""
+        self._write_later(len(block), lambda: self.cache.put(key, block))
 
-        def write() -> None:
+    def _write_later(self, size: int, write: Callable[[], object], done: Callable[[], None] | None = None) -> None:
+        """Run ``write`` on the writer thread, then ``done`` (under the lock); past
+        the pending cap, in this thread (backpressure: the writer is behind)."""
+        with self._lock:
+            inline = self._pending_write_bytes + size > _MAX_PENDING_WRITE_BYTES
+            self._pending_write_bytes += size
+
+        def run() -> None:
             try:
-                self.cache.put(key, block)
+                write()
             finally:
                 with self._lock:
-                    self._pending_write_bytes -= len(block)
+                    self._pending_write_bytes -= size
+                    if done is not None:
+                        done()
 
-        self._writer.submit(write)
+        if inline:
+            run()
+        else:
+            self._writer.submit(run)
 
     def flush(self) -> None:
         """Wait until blocks fetched so far are written to the SSD cache."""

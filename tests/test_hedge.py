@@ -69,29 +69,24 @@ def test_a_prompt_answer_is_not_hedged() -> None:
     run(main())
 
 
-def test_a_late_answer_gets_a_second_copy_and_the_first_answer_wins() -> None:
-    async def main() -> None:
-        hedger, copies = Hedger(HedgePolicy(after_s=0.01)), Copies()
-        task = asyncio.ensure_future(hedger.run(copies.make()))
-        await _until(lambda: copies.started == 2)  # the first copy did not answer in 10 ms
-        copies.release(1)
-        assert await task == ("answer", 1)
-        await _until(lambda: copies.cancelled == [0])  # the slow copy is given up
-        assert hedger.stats() == {"requests": 1, "hedged": 1, "hedge_wins": 1}
-
-    run(main())
+async def _hedged(hedger: Hedger, copies: Copies, closed: list[Any]) -> asyncio.Future[tuple[str, int]]:
+    """A request whose first copy does not answer in time: returns once both copies are out."""
+    task = asyncio.ensure_future(hedger.run(copies.make(), on_loser=closed.append))
+    await _until(lambda: copies.started == 2)
+    return task
 
 
-def test_the_first_copy_may_still_win_after_the_hedge_is_sent() -> None:
+@pytest.mark.parametrize("answering", [1, 0], ids=["the-second-copy", "the-first-copy"])
+def test_once_hedged_the_first_answer_wins_and_the_other_copy_is_given_up(answering: int) -> None:
     async def main() -> None:
         closed: list[Any] = []
         hedger, copies = Hedger(HedgePolicy(after_s=0.01)), Copies()
-        task = asyncio.ensure_future(hedger.run(copies.make(), on_loser=closed.append))
-        await _until(lambda: copies.started == 2)
-        copies.release(0)
-        assert await task == ("answer", 0)
-        await _until(lambda: copies.cancelled == [1])
-        assert closed == [] and hedger.hedge_wins == 0
+        task = await _hedged(hedger, copies, closed)  # the first copy did not answer in 10 ms
+        copies.release(answering)
+        assert await task == ("answer", answering)
+        await _until(lambda: copies.cancelled == [1 - answering])  # the slower copy is given up
+        assert closed == []  # (it never answered: nothing to close)
+        assert hedger.stats() == {"requests": 1, "hedged": 1, "hedge_wins": answering}
 
     run(main())
 
@@ -100,8 +95,7 @@ def test_an_answer_that_arrives_too_late_is_handed_to_on_loser() -> None:
     async def main() -> None:
         closed: list[Any] = []
         hedger, copies = Hedger(HedgePolicy(after_s=0.01)), Copies()
-        task = asyncio.ensure_future(hedger.run(copies.make(), on_loser=closed.append))
-        await _until(lambda: copies.started == 2)
+        task = await _hedged(hedger, copies, closed)
         copies.release(0)
         copies.release(1)  # both answer before the hedger looks: one is used, the other closed
         winner = await task
@@ -126,8 +120,7 @@ def test_an_error_before_the_hedge_delay_is_the_answer() -> None:
 def test_one_failed_copy_waits_for_the_other_and_two_failures_raise() -> None:
     async def main() -> None:
         hedger, copies = Hedger(HedgePolicy(after_s=0.01)), Copies()
-        task = asyncio.ensure_future(hedger.run(copies.make()))
-        await _until(lambda: copies.started == 2)
+        task = await _hedged(hedger, copies, [])
         copies.fail(0, ConnectionResetError("reset"))
         await asyncio.sleep(0.01)
         assert not task.done()
@@ -135,8 +128,7 @@ def test_one_failed_copy_waits_for_the_other_and_two_failures_raise() -> None:
         assert await task == ("answer", 1)
 
         hedger, copies = Hedger(HedgePolicy(after_s=0.01)), Copies()  # (a fresh budget)
-        task = asyncio.ensure_future(hedger.run(copies.make()))
-        await _until(lambda: copies.started == 2)
+        task = await _hedged(hedger, copies, [])
         copies.fail(1, TimeoutError("second"))
         copies.fail(0, ConnectionResetError("first"))
         with pytest.raises((ConnectionResetError, TimeoutError)):

@@ -125,6 +125,8 @@ class BlockServer:
         if len(secret) < 16:
             raise ValueError("the cluster secret must be at least 16 bytes")
         self.provider = provider
+        #: Whether this server remembers listings for its peers (``CAP_LISTING``).
+        self.keeps_listings = hasattr(provider, "get_listing") and hasattr(provider, "put_listing")
         self.config = config or ServerConfig()
         self.rdma = rdma
         self.metrics = ServerMetrics()
@@ -281,7 +283,7 @@ class _ServerConnection:
             raise ProtocolError(f"expected HELLO, got {header.type.name}")
         hello = Hello.decode(hello_meta)
         caps = (CAP_RANGE | (CAP_RDMA if self.server.rdma is not None else 0)
-                | (CAP_LISTING if hasattr(self.server.provider, "get_listing") else 0))
+                | (CAP_LISTING if self.server.keeps_listings else 0))
         challenge = Hello(secrets.token_bytes(NONCE_BYTES), caps, self.config.max_block,
                           self.config.max_inflight, self.config.node).encode()
         self.sock.sendall(encode_frame(MsgType.CHALLENGE, 0, challenge))
@@ -320,7 +322,7 @@ class _ServerConnection:
         client that uses it checks every entry, and the store's listing decides)."""
         op, key, body = decode_listing(meta)
         provider: Any = self.server.provider
-        if not hasattr(provider, "get_listing"):
+        if not self.server.keeps_listings:
             raise ProtocolError("LISTING sent to a server that did not offer it")
         if op == LISTING_GET:
             entries = provider.get_listing(key)
