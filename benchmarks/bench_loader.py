@@ -22,28 +22,19 @@ loader) and batch size ``--batch-size``, and times each batch:
 * **local floor**: the same loop over the same Parquet files on local disk with
   pyarrow (row groups in shuffled order, a window of two row groups shuffled
   with ``take``, the same Arrow-to-tensor conversion and workers), no Shoal.
-* **litdata cold / warm** (when ``.venv-loaderbench`` has LitData): its own
-  converted copy (``litdata.optimize``, 64 MB chunks) of the same rows in the
-  same bucket, through the same proxy; ``StreamingDataset(shuffle=True)`` +
-  ``StreamingDataLoader`` with a collate that pads the tokens like Shoal's.
-  Whole epochs (``--competitor-steps`` caps them).  Two settings keep it off a pathological path
-  (see the note in the results): its cache may hold the whole dataset, and
-  chunks read by two workers are memory-mapped like the others.
+* **streaming / litdata cold / warm** (when their environments exist, see
+  ``benchmarks/loader_competitors.py``): the competitor's own converted copy of
+  the same rows in the same bucket, through the same proxy, with the same
+  collate (tokens padded like Shoal's).  Whole epochs (``--competitor-steps``
+  caps them).  The target compares with MosaicML Streaming, the competitor the
+  issue names; LitData is reported beside it.
 
 Time to first batch is measured from before the loader's imports (torch is
 imported first, for every loader) to the first batch in the loop, and also
 without the imports (``first_batch_after_imports_s``).
 
-The competitor's environment (kept apart: LitData pulls torchvision; torch is
-pinned first so that nothing resolves a CUDA build; installs in about a minute)::
-
-    python3 -m venv .venv-loaderbench
-    .venv-loaderbench/bin/pip install torch==2.13.0
-    .venv-loaderbench/bin/pip install torch==2.13.0 litdata pyarrow boto3 numpy
-
-Without it the LitData cases are skipped (and say so in the results).
-MosaicML Streaming was not tried: it pins numpy<2.2 and pulls torchvision, and
-LitData installed cleanly.
+Each competitor runs from its own virtual environment (how to create them: the
+docstring of ``loader_competitors.py``); a missing one is skipped and the results say so.
 
 Modes: *throughput* (no work per step: how fast the loader can go) and *sim*
 (a fixed ``--step-ms`` sleep per step as a stand-in for the accelerator; the
@@ -70,13 +61,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from loader_competitors import COMPETITORS, build_loader, convert
+
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS_DIR = HERE / "results"
 BUCKET = "shoal-bench-loader"
 SECTION = "## Loader (issue 6)"
-LITDATA_PYTHON = ROOT / ".venv-loaderbench" / "bin" / "python"
 ROW_GROUP = 8192
 VOCAB = 32000
 
@@ -100,19 +92,6 @@ def _proxy_stats(url: str | None) -> dict[str, int]:
     with urllib.request.urlopen(f"{url}/__shoal_proxy__/stats", timeout=30) as resp:
         stats = json.loads(resp.read())
     return {"gets": stats["gets"], "bytes_sent": stats["bytes_sent"]}
-
-
-def _pad_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """LitData's batches get the same padding as Shoal's (padded tokens + lengths)."""
-    import numpy as np
-    import torch
-
-    lengths = np.fromiter((len(s["tokens"]) for s in samples), dtype=np.int64, count=len(samples))
-    out = np.zeros((len(samples), int(lengths.max())), dtype=np.int32)
-    for row, sample in enumerate(samples):
-        out[row, : lengths[row]] = sample["tokens"]
-    return {"tokens": torch.from_numpy(out), "tokens_lengths": torch.from_numpy(lengths),
-            "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.int64)}
 
 
 def _local_dataset(spec: dict[str, Any]) -> Any:
@@ -214,36 +193,8 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
 
         def set_epoch(epoch: int) -> None:
             ds.epoch = epoch
-    elif kind == "litdata":
-        from litdata import StreamingDataLoader, StreamingDataset
-        from litdata.streaming import downloader, reader
-
-        out["import_s"] = time.perf_counter() - t_start
-        # LitData GETs chunks with obstore (required by its prefetch thread), which refuses
-        # plain HTTP -- our loopback proxy -- unless allowed.
-        downloader._OBSTORE_CLIENT_OPTIONS = {**downloader._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"}
-        # LitData memory-maps only the chunks no other worker reads; a chunk shared by two
-        # DataLoader workers is read from its file whole for every item or decode window
-        # (~100 samples/s here: the "stall" of the first runs).  Its reason, a co-worker
-        # deleting a shared chunk while it is mapped, cannot happen when the cache holds the
-        # whole dataset (max_cache_size below), so every chunk is mapped.
-        allow = reader.BinaryReader.enable_mmap_for_chunks
-
-        def enable_mmap_for_all_chunks(self: Any, chunk_indexes: set[int]) -> None:
-            config = getattr(self, "_config", None)
-            chunks = getattr(config, "_chunks", None)
-            allow(self, set(range(len(chunks))) if chunks else chunk_indexes)
-
-        reader.BinaryReader.enable_mmap_for_chunks = enable_mmap_for_all_chunks
-        options = {"endpoint_url": spec["endpoint"], "aws_access_key_id": spec["access_key"],
-                   "aws_secret_access_key": spec["secret_key"], "region_name": "us-east-1"}
-        ds = StreamingDataset(spec["url"], cache_dir=spec["cache_dir"], shuffle=True, seed=spec["seed"],
-                              storage_options=options, max_cache_size="50GB")
-        loader = StreamingDataLoader(ds, batch_size=spec["batch_size"], num_workers=spec["workers"],
-                                     collate_fn=_pad_collate)
-
-        def set_epoch(epoch: int) -> None:
-            pass  # StreamingDataLoader advances the epoch on every iteration itself
+    elif kind in COMPETITORS:
+        loader, set_epoch, out["import_s"] = build_loader(kind, spec)
     else:
         raise ValueError(kind)
     out["setup_s"] = time.perf_counter() - t_start
@@ -256,7 +207,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(cpu_s=_cpu() - cpu_before, store_gets=after["gets"] - before["gets"],
                       store_bytes=after["bytes_sent"] - before["bytes_sent"])
         if epoch == 0 and result["first_batch_s"] is not None:
-            # The loader's own imports (pyarrow, duckdb, s3fs... or litdata) are in first_batch_s.
+            # The loader's own imports (pyarrow, duckdb, s3fs... or the competitor's) are in first_batch_s.
             result["first_batch_after_imports_s"] = result["first_batch_s"] - out["import_s"]
         out["epochs"].append(result)
         started = time.perf_counter()
@@ -264,32 +215,6 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_rss_workers_MiB"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
-
-
-def litdata_convert(spec: dict[str, Any]) -> dict[str, Any]:
-    """Convert the Parquet files into LitData's own format (run in .venv-loaderbench)."""
-    import pyarrow.parquet as pq
-    from litdata import optimize
-
-    inputs = [(path, g) for path in spec["local_files"] for g in range(pq.ParquetFile(path).metadata.num_row_groups)]
-    t0 = time.perf_counter()
-    optimize(fn=_litdata_rows, inputs=inputs, output_dir=spec["output_dir"], chunk_bytes="64MB",
-             num_workers=spec["workers"], mode="overwrite")
-    return {"convert_s": time.perf_counter() - t0}
-
-
-def _litdata_rows(item: tuple[str, int]):
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    path, group = item
-    table = pq.ParquetFile(path).read_row_group(group, columns=["tokens", "label"])
-    tokens = table.column("tokens").combine_chunks()
-    offsets = tokens.offsets.to_numpy()
-    values = tokens.values.to_numpy()
-    labels = table.column("label").to_numpy()
-    for row in range(table.num_rows):
-        yield {"tokens": np.ascontiguousarray(values[offsets[row]:offsets[row + 1]]), "label": int(labels[row])}
 
 
 # --------------------------------------------------------------------------- orchestrator
@@ -346,7 +271,7 @@ class Bench:
         self.runs = args.runs or (3 if args.quick else 5)
         self.samples = args.samples or (100_000 if args.quick else 1_000_000)
         self.sim_steps = args.sim_steps or (100 if args.quick else 300)
-        self.competitor_steps = args.competitor_steps or None  # LitData: whole epochs unless capped
+        self.competitor_steps = args.competitor_steps or None  # competitors: whole epochs unless capped
         self.log_lines: list[str] = []
         self.failures: list[dict[str, Any]] = []
         self.weed_pid: int | None = None
@@ -393,7 +318,7 @@ class Bench:
         self.data = self._make_data(workdir / "data")
         self._upload(workdir / "data", "parquet/")
         self.proxy = None
-        self.litdata = self._prepare_litdata(workdir)
+        self.competitors = {name: self._prepare_competitor(name, workdir) for name in self.args.competitors}
         self.proxy = Proxy(self.endpoint.endpoint_url, self.args.seed)
         self.log(f"s3proxy (s3-standard, error rate 0, seed {self.args.seed}) at {self.proxy.url}")
 
@@ -436,29 +361,31 @@ class Bench:
                 self.client.upload_file(str(path), BUCKET, prefix + str(path.relative_to(directory)), Config=tc)
         self.log(f"uploaded {directory.name} to s3://{BUCKET}/{prefix} in {time.perf_counter() - t0:.0f}s")
 
-    def _prepare_litdata(self, workdir: Path) -> dict[str, Any]:
-        if self.args.no_litdata:
-            return {"skipped": "--no-litdata"}
-        if not LITDATA_PYTHON.exists():
-            return {"skipped": f"{LITDATA_PYTHON} missing: create it as benchmarks/bench_loader.py's docstring says"}
-        check = subprocess.run([str(LITDATA_PYTHON), "-c", "import litdata; print(litdata.__version__)"],
+    def _prepare_competitor(self, name: str, workdir: Path) -> dict[str, Any]:
+        """Check the competitor's environment, convert the data to its format and upload it."""
+        comp = COMPETITORS[name]
+        if not comp.python.exists():
+            return {"label": comp.label, "skipped": f"{comp.python} missing: create it as "
+                    "benchmarks/loader_competitors.py's docstring says"}
+        check = subprocess.run([str(comp.python), "-c", f"import {comp.module}; print({comp.module}.__version__)"],
                                capture_output=True, text=True)
         if check.returncode != 0:
-            return {"skipped": f"litdata does not import: {check.stderr[-500:]}"}
-        version = check.stdout.strip()
-        out = workdir / "litdata"
+            return {"label": comp.label, "skipped": f"{comp.module} does not import: {check.stderr[-500:]}"}
+        version = check.stdout.strip().splitlines()[-1]
+        out = workdir / name
         spec = {"local_files": self.data["files"], "output_dir": str(out), "workers": self.args.workers}
-        self.log(f"converting to LitData {version} format")
-        proc = subprocess.run([str(LITDATA_PYTHON), str(Path(__file__).resolve()), "--litdata-convert",
+        self.log(f"converting to {comp.label} {version} format")
+        proc = subprocess.run([str(comp.python), str(Path(__file__).resolve()), "--convert", name,
                                json.dumps(spec)], capture_output=True, text=True, cwd=ROOT, timeout=3600)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            return {"skipped": f"litdata.optimize failed: {proc.stderr[-1500:]}"}
+            return {"label": comp.label, "skipped": f"conversion failed: {proc.stderr[-1500:]}"}
         result = json.loads(lines[-1][len("RESULT "):])
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        self.log(f"LitData conversion {result['convert_s']:.0f}s, {size / MiB:.0f} MiB")
-        self._upload(out, "litdata/")
-        return {"version": version, "convert_s": result["convert_s"], "bytes": size, "chunk_bytes": "64MB"}
+        self.log(f"{comp.label} conversion {result['convert_s']:.0f}s, {size / MiB:.0f} MiB")
+        self._upload(out, comp.prefix)
+        return {"label": comp.label, "version": version, "convert_s": result["convert_s"], "bytes": size,
+                "chunk_bytes": "64MB"}
 
     # -- cases ------------------------------------------------------------------------------
 
@@ -506,7 +433,7 @@ class Bench:
             try:
                 self.setup(workdir)
                 results["data"] = {k: v for k, v in self.data.items() if k != "files"}
-                results["litdata"] = self.litdata
+                results["competitors"] = self.competitors
                 url = f"s3://{BUCKET}/parquet/*.parquet"
                 local = {"local_files": self.data["files"], "proxy_url": None}
                 cases: dict[str, list[dict[str, Any]]] = {}
@@ -517,16 +444,19 @@ class Bench:
                     self.spec("shoal", url=url, cache_dir=str(caches[r]), epochs=2)), self.runs, caches)
                 cases["shoal_warm"] = self.case("shoal warm", lambda r: self.run_worker(
                     self.spec("shoal", url=url, cache_dir=str(caches[-1]))), self.runs)
-                if "skipped" not in self.litdata:
-                    lit = [workdir / f"cache-litdata-{r}" for r in range(self.runs)]
-                    lurl = f"s3://{BUCKET}/litdata"
-                    # --competitor-steps batches per epoch (None: whole epochs); rates are per batch.
-                    cap = {"max_steps": self.competitor_steps}
-                    cases["litdata_cold"] = self.case("litdata cold+epoch2", lambda r: self.run_worker(
-                        self.spec("litdata", url=lurl, cache_dir=str(lit[r]), epochs=2, **cap), LITDATA_PYTHON),
-                        self.runs, lit)
-                    cases["litdata_warm"] = self.case("litdata warm", lambda r: self.run_worker(
-                        self.spec("litdata", url=lurl, cache_dir=str(lit[-1]), **cap), LITDATA_PYTHON), self.runs)
+                # --competitor-steps batches per epoch (None: whole epochs); rates are per batch.
+                cap = {"max_steps": self.competitor_steps}
+                for name, info in self.competitors.items():
+                    if "skipped" in info:
+                        continue
+                    python, curl = COMPETITORS[name].python, f"s3://{BUCKET}/{COMPETITORS[name].prefix.rstrip('/')}"
+                    dirs = [workdir / f"cache-{name}-{r}" for r in range(self.runs)]
+                    cases[f"{name}_cold"] = self.case(f"{name} cold+epoch2", lambda r, n=name, u=curl, d=dirs, py=python:
+                                                      self.run_worker(self.spec(n, url=u, cache_dir=str(d[r]), epochs=2,
+                                                                                **cap), py), self.runs, dirs)
+                    cases[f"{name}_warm"] = self.case(f"{name} warm", lambda r, n=name, u=curl, d=dirs, py=python:
+                                                      self.run_worker(self.spec(n, url=u, cache_dir=str(d[-1]), **cap),
+                                                                      py), self.runs)
                 sim = {"step_ms": args.step_ms, "max_steps": self.sim_steps}
                 sims: dict[str, list[dict[str, Any]]] = {}
                 sims["local"] = self.case("sim local", lambda r: self.run_worker(
@@ -536,11 +466,14 @@ class Bench:
                     self.spec("shoal", url=url, cache_dir=str(scratch[r]), **sim)), self.runs, scratch)
                 sims["shoal_warm"] = self.case("sim shoal warm", lambda r: self.run_worker(
                     self.spec("shoal", url=url, cache_dir=str(caches[-1]), **sim)), self.runs)
-                if "skipped" not in self.litdata:
-                    lscratch = [workdir / f"cache-lsim-{r}" for r in range(self.runs)]
-                    sims["litdata_cold"] = self.case("sim litdata cold", lambda r: self.run_worker(
-                        self.spec("litdata", url=lurl, cache_dir=str(lscratch[r]), **sim),
-                        LITDATA_PYTHON), self.runs, lscratch)
+                for name, info in self.competitors.items():
+                    if "skipped" in info:
+                        continue
+                    python, curl = COMPETITORS[name].python, f"s3://{BUCKET}/{COMPETITORS[name].prefix.rstrip('/')}"
+                    dirs = [workdir / f"cache-sim-{name}-{r}" for r in range(self.runs)]
+                    sims[f"{name}_cold"] = self.case(f"sim {name} cold", lambda r, n=name, u=curl, d=dirs, py=python:
+                                                     self.run_worker(self.spec(n, url=u, cache_dir=str(d[r]), **sim),
+                                                                     py), self.runs, dirs)
                 results["quality"] = self.quality()
                 cases = {k: v for k, v in cases.items() if v}
                 sims = {k: v for k, v in sims.items() if v}
@@ -585,6 +518,11 @@ def _find_pid(needle: str, name: str) -> int | None:
     return None
 
 
+def competitor_names(cases: dict[str, Any]) -> list[str]:
+    """The competitors measured, in the order of preference for the cold target (Streaming first)."""
+    return [name for name in COMPETITORS if f"{name}_cold" in cases]
+
+
 def summarize(cases: dict[str, Any], sims: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     def epoch(runs: list[dict[str, Any]], i: int, key: str) -> dict[str, float] | None:
         return _mmm([r["epochs"][i].get(key) for r in runs if len(r["epochs"]) > i])
@@ -617,11 +555,15 @@ def summarize(cases: dict[str, Any], sims: dict[str, Any], data: dict[str, Any])
     out["ratios"] = {
         "shoal_warm_over_local": ratio("shoal_warm", 0, "local", 0),
         "shoal_epoch2_over_local": ratio("shoal_cold", 1, "local", 0),
-        "shoal_cold_over_litdata_cold": ratio("shoal_cold", 0, "litdata_cold", 0),
-        "shoal_warm_over_litdata_warm": ratio("shoal_warm", 0, "litdata_warm", 0),
-        # Whole epochs, start-up included (LitData waits for its first 64 MB chunks).
-        "shoal_cold_over_litdata_cold_epoch": ratio("shoal_cold", 0, "litdata_cold", 0, "samples_per_s"),
     }
+    for name in competitor_names(cases):
+        out["ratios"].update({
+            f"shoal_cold_over_{name}_cold": ratio("shoal_cold", 0, f"{name}_cold", 0),
+            f"shoal_warm_over_{name}_warm": ratio("shoal_warm", 0, f"{name}_warm", 0),
+            # Whole epochs, start-up included (the competitors wait for whole 64 MB shards first).
+            f"shoal_cold_over_{name}_cold_epoch": ratio("shoal_cold", 0, f"{name}_cold", 0, "samples_per_s"),
+        })
+    out["cold_target_competitor"] = next(iter(competitor_names(cases)), None)
     out["bytes_needed"] = data["bytes"]
     out["targets"] = {"warm_over_local": TARGET_WARM, "cold_over_competitor": TARGET_COLD,
                       "first_batch_s": TARGET_TTFB}
@@ -669,9 +611,11 @@ def render(results: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     rows = [("local floor (pyarrow, local disk)", "local", "epoch1"),
             ("Shoal cold (epoch 1)", "shoal_cold", "epoch1"), ("Shoal epoch 2 (same process)", "shoal_cold", "epoch2"),
-            ("Shoal warm (new process)", "shoal_warm", "epoch1"),
-            ("LitData cold (epoch 1)", "litdata_cold", "epoch1"), ("LitData epoch 2", "litdata_cold", "epoch2"),
-            ("LitData warm (new process)", "litdata_warm", "epoch1")]
+            ("Shoal warm (new process)", "shoal_warm", "epoch1")]
+    for name, info in results.get("competitors", {}).items():
+        rows += [(f"{info['label']} cold (epoch 1)", f"{name}_cold", "epoch1"),
+                 (f"{info['label']} epoch 2", f"{name}_cold", "epoch2"),
+                 (f"{info['label']} warm (new process)", f"{name}_warm", "epoch1")]
     for label, case, ep in rows:
         if case not in s or ep not in s[case]:
             continue
@@ -696,22 +640,19 @@ def render(results: dict[str, Any]) -> str:
         if r and r["median_of_pairs"] is not None:
             lines.append(f"- {name}: {r['median_of_pairs']:.2f} (pairs {', '.join(f'{p:.2f}' for p in r['pairs'])})")
     lines += ["", "Targets:", ""] + _verdicts(s)
-    lit = results.get("litdata", {})
     lines.append("")
     for failure in results.get("failures", []):
         lines.append(f"- FAILED: {failure['case']} run {failure['run']}: `{failure['error'].strip().splitlines()[-1][:300]}`")
-    if "skipped" in lit:
-        lines.append(f"LitData: skipped ({lit['skipped']}).")
-    else:
-        lines.append(f"LitData {lit['version']}: conversion (`optimize`, 64 MB chunks) took {lit['convert_s']:.0f} s, "
-                     f"{lit['bytes'] / MiB:.0f} MiB. " + (
-                         f"Its runs stop after {results['competitor_steps']} batches per epoch (its rates are per "
-                         "batch, so they compare; its epoch 2 reads the chunks that epoch's shuffle needs first, "
-                         "fetched or not). " if results.get("competitor_steps") else "Its runs read whole epochs. ")
-                     + "Its obstore client is told to allow plain HTTP (the "
-                     "proxy), its cache may hold the whole dataset (max_cache_size 50GB), and every chunk is "
-                     "memory-mapped: LitData maps only chunks that no other DataLoader worker reads, and reads a "
-                     "shared chunk's whole file again for every item (~100 samples/s).")
+    for name, info in results.get("competitors", {}).items():
+        if "skipped" in info:
+            lines.append(f"- {info['label']}: skipped ({info['skipped']}).")
+            continue
+        how = COMPETITOR_NOTES[name]
+        lines.append(f"- {info['label']} {info['version']}: conversion took {info['convert_s']:.0f} s, "
+                     f"{info['bytes'] / MiB:.0f} MiB. " + (
+                         f"Its runs stop after {results['competitor_steps']} batches per epoch (rates are per "
+                         "batch, so they compare). " if results.get("competitor_steps") else
+                         "Its runs read whole epochs. ") + how)
     lines += _notes(results)
     q = results.get("quality", {})
     if q:
@@ -724,6 +665,17 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPETITOR_NOTES = {
+    "streaming": "MDS shards of 64 MB (its default), no compression; its S3 downloader fetches each shard "
+                 "whole, with one GET (boto3 `download_file` with `use_threads=False`), and each DataLoader "
+                 "worker downloads the shards its samples need; the cache (`local`) may hold everything.",
+    "litdata": "`optimize` with 64 MB chunks. Its obstore client is told to allow plain HTTP (the proxy), its "
+               "cache may hold the whole dataset (max_cache_size 50GB), and every chunk is memory-mapped: "
+               "LitData maps only chunks that no other DataLoader worker reads, and reads a shared chunk's whole "
+               "file again for every item (~100 samples/s).",
+}
+
+
 def _verdicts(s: dict[str, Any]) -> list[str]:
     """One line per target of issue 6: the measured median, the target, PASS / FAIL / not measured."""
     def verdict(value: float | None, ok: bool) -> str:
@@ -733,10 +685,19 @@ def _verdicts(s: dict[str, Any]) -> list[str]:
     warm = (s["ratios"].get("shoal_warm_over_local") or {}).get("median_of_pairs")
     out.append(f"- warm Shoal / local floor, steady samples/s: {_fmt(warm)} (target ≥ {TARGET_WARM}): "
                f"{verdict(warm, warm is not None and warm >= TARGET_WARM)}")
-    cold = (s["ratios"].get("shoal_cold_over_litdata_cold") or {}).get("median_of_pairs")
-    whole = (s["ratios"].get("shoal_cold_over_litdata_cold_epoch") or {}).get("median_of_pairs")
-    out.append(f"- cold Shoal / cold LitData, steady samples/s: {_fmt(cold)} (whole epoch: {_fmt(whole)}) "
-               f"(target ≥ {TARGET_COLD}): {verdict(cold, cold is not None and cold >= TARGET_COLD)}")
+    target = s.get("cold_target_competitor")
+    if target is None:
+        out.append(f"- cold Shoal / cold competitor, steady samples/s: not measured (target ≥ {TARGET_COLD})")
+    for name in [n for n in COMPETITORS if f"shoal_cold_over_{n}_cold" in s["ratios"]]:
+        cold = (s["ratios"].get(f"shoal_cold_over_{name}_cold") or {}).get("median_of_pairs")
+        whole = (s["ratios"].get(f"shoal_cold_over_{name}_cold_epoch") or {}).get("median_of_pairs")
+        label = COMPETITORS[name].label
+        if name == target:
+            out.append(f"- cold Shoal / cold {label}, steady samples/s: {_fmt(cold)} (whole epoch: {_fmt(whole)}) "
+                       f"(target ≥ {TARGET_COLD}): {verdict(cold, cold is not None and cold >= TARGET_COLD)}")
+        else:
+            out.append(f"- cold Shoal / cold {label} (reported beside it), steady samples/s: {_fmt(cold)} "
+                       f"(whole epoch: {_fmt(whole)})")
     for case, label in (("shoal_warm", "warm"), ("shoal_cold", "cold")):
         epoch1 = s.get(case, {}).get("epoch1", {})
         first = (epoch1.get("first_batch_s") or {}).get("median")
@@ -748,31 +709,31 @@ def _verdicts(s: dict[str, Any]) -> list[str]:
 
 
 def _notes(results: dict[str, Any]) -> list[str]:
-    """What explains the competitor comparison, from this run's numbers."""
-    s, lit = results["summary"], results.get("litdata", {})
+    """CPU per sample and cores busy, from this run's numbers: what bounds every loader here."""
+    s = results["summary"]
 
     def median(case: str, key: str, epoch: str = "epoch1") -> float | None:
         return ((s.get(case) or {}).get(epoch, {}).get(key) or {}).get("median")
 
-    cases = ("local", "shoal_cold", "shoal_warm", "litdata_cold", "litdata_warm")
-    cpu = {case: median(case, "cpu_s") for case in cases}
-    if "bytes" not in lit or any(v is None for v in cpu.values()):
-        return []
     samples = results["data"]["samples"]
-    per = {case: cpu[case] / samples * 1e6 for case in cpu}  # CPU µs per sample
-    cores = {case: cpu[case] / (median(case, "wall_s") or float("inf")) for case in cpu}
-    return ["", f"CPU per sample (all processes, µs): local floor {per['local']:.1f}, Shoal cold "
-                f"{per['shoal_cold']:.1f} / warm {per['shoal_warm']:.1f}, LitData cold {per['litdata_cold']:.1f} / "
-                f"warm {per['litdata_warm']:.1f}; cores busy on average over an epoch: local "
-                f"{cores['local']:.2f}, Shoal warm {cores['shoal_warm']:.2f}, LitData warm "
-                f"{cores['litdata_warm']:.2f} (of {results['environment']['cpus']}, shared with other work). "
-                "LitData needs less CPU per sample: its chunks hold the token ids as raw int32 (its copy is "
-                f"{lit['bytes'] / results['data']['bytes']:.1f}x the Parquet), memory-mapped and sliced without "
-                "decoding, while every Parquet reader (the floor included) decodes; and the s3-standard profile "
-                "(60 MiB/s per connection, 1.25 GB/s in all) lets it fetch its larger copy without waiting: its cold "
-                f"steady rate ({_fmt(median('litdata_cold', 'steady_samples_per_s'), '{:.0f}')} samples/s) is its "
-                f"warm one ({_fmt(median('litdata_warm', 'steady_samples_per_s'), '{:.0f}')}), after a first batch "
-                "that waits for whole 64 MB chunks."]
+    parts = []
+    names = {"local": "local floor", "shoal_cold": "Shoal cold", "shoal_warm": "Shoal warm"}
+    for name, info in results.get("competitors", {}).items():
+        names.update({f"{name}_cold": f"{info['label']} cold", f"{name}_warm": f"{info['label']} warm"})
+    for case, label in names.items():
+        cpu, wall = median(case, "cpu_s"), median(case, "wall_s")
+        if cpu is None or not wall:
+            continue
+        parts.append(f"{label} {cpu / samples * 1e6:.1f} µs/sample, {cpu / wall:.2f} cores busy")
+    if not parts:
+        return []
+    return ["", "CPU over an epoch (all processes; cores busy = CPU seconds / wall seconds, of "
+                f"{results['environment']['cpus']}, shared with other work): " + "; ".join(parts) + ". "
+            "On this 2-core machine a loader's steady rate is bounded by its CPU per sample once its bytes "
+            "arrive. The competitors' copies hold the token ids as raw int32 (about twice the Parquet's "
+            "size), which needs no decoding, but they hand samples one at a time through Python "
+            "(`__getitem__`, then a collate); Shoal and the floor decode Parquet and cut whole Arrow "
+            "batches into tensors."]
 
 
 def _fmt(value: float | None, fmt: str = "{:.2f}") -> str:
@@ -795,20 +756,23 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (all loaders)")
     p.add_argument("--step-ms", type=float, default=20.0, help="simulated training step")
     p.add_argument("--sim-steps", type=int)
-    p.add_argument("--competitor-steps", type=int, help="stop LitData's epochs after this many batches "
+    p.add_argument("--competitor-steps", type=int, help="stop the competitors' epochs after this many batches "
                    "(default: whole epochs)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--no-litdata", action="store_true")
+    p.add_argument("--competitors", default="streaming,litdata",
+                   type=lambda text: [c for c in text.split(",") if c],
+                   help=f"comma-separated, of {', '.join(COMPETITORS)} ('' for none)")
     p.add_argument("--workdir", default=None, help="parent of the temporary work directory")
     p.add_argument("--update-results", action="store_true", help="rewrite the section in benchmarks/RESULTS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--litdata-convert", help=argparse.SUPPRESS)
+    p.add_argument("--convert", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         sys.stdout.write("RESULT " + json.dumps(worker_main(json.loads(args.worker))) + "\n")
         return
-    if args.litdata_convert:
-        sys.stdout.write("RESULT " + json.dumps(litdata_convert(json.loads(args.litdata_convert))) + "\n")
+    if args.convert:
+        name, spec = args.convert
+        sys.stdout.write("RESULT " + json.dumps(convert(name, json.loads(spec))) + "\n")
         return
     results = Bench(args).run()
     RESULTS_DIR.mkdir(exist_ok=True)

@@ -11,6 +11,8 @@ processes (DataLoader workers, parallel CLI runs) share one directory safely.
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -19,8 +21,10 @@ import sqlite3
 import struct
 import threading
 import time
+import shutil
 import weakref
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import diskcache
@@ -47,6 +51,9 @@ _PIECE_LISTS = 4096  # blocks whose piece lists are kept in memory
 # After this many consecutive write failures, stop trying to write for a while.
 _FAILURES_BEFORE_BACKOFF = 3
 _WRITE_BACKOFF_PUTS = 256
+#: Counters summed over processes in the cache directory (``shoal cache stats``).
+_PERSISTED = ("hits", "misses", "bytes_from_cache", "bytes_from_store", "store_requests", "evictions",
+              "corrupt_blocks", "write_failures", "read_failures", "local_copy_uses", "local_copy_bytes")
 
 
 @dataclass
@@ -62,6 +69,14 @@ class CacheMetrics:
     corrupt_blocks: int = 0
     write_failures: int = 0
     read_failures: int = 0
+    #: Files handed to a native reader as sparse local copies (see localcopy.py),
+    #: bytes written into copies, copies found corrupt, and copies evicted.
+    local_copy_uses: int = 0
+    local_copy_bytes: int = 0
+    local_copy_corrupt: int = 0
+    local_copy_evictions: int = 0
+    #: Queries that ran again through the cache because DuckDB could not read a local copy.
+    local_copy_fallbacks: int = 0
     degraded: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -72,12 +87,13 @@ class CacheMetrics:
 
     @property
     def errors(self) -> int:
-        return self.corrupt_blocks + self.write_failures + self.read_failures
+        return self.corrupt_blocks + self.write_failures + self.read_failures + self.local_copy_corrupt
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        data["errors"] = data["corrupt_blocks"] + data["write_failures"] + data["read_failures"]
+        data["errors"] = (data["corrupt_blocks"] + data["write_failures"] + data["read_failures"]
+                          + data["local_copy_corrupt"])
         return data
 
 
@@ -527,6 +543,7 @@ class BlockCache:
             return 0
         if self._stats is not None:
             self._stats.clear(retry=True)
+        shutil.rmtree(self.config.directory / "listings", ignore_errors=True)
         self._flushed = {}
         return int(self._cache.clear(retry=True))
 
@@ -543,8 +560,7 @@ class BlockCache:
             return
         current = self.metrics.snapshot()
         try:
-            for name in ("hits", "misses", "bytes_from_cache", "bytes_from_store", "store_requests",
-                         "evictions", "corrupt_blocks", "write_failures", "read_failures"):
+            for name in _PERSISTED:
                 delta = current[name] - self._flushed.get(name, 0)
                 if delta:
                     self._stats.incr(_STATS_KEY_PREFIX + name, delta, default=0, retry=_WRITE_RETRY)
@@ -552,31 +568,44 @@ class BlockCache:
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             logger.debug("could not persist cache statistics: %s", exc)
 
+    # Listings are files of their own (``listings/<key>.json``), not diskcache
+    # entries: a warm query reads one per table before anything else, and a
+    # file read costs far less than a SQLite lookup on a fresh connection.
+
+    def _listing_path(self, key: str) -> Path:
+        # Keys can come from peers: hashed, never used as a path themselves.
+        name = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        return self.config.directory / "listings" / f"{name}.json"
+
     def get_listing(self, key: str) -> list[dict[str, Any]] | None:
         """A listing remembered by :meth:`put_listing` (kept apart from the blocks)."""
-        if self._stats is None:
+        if self._cache is None:
             return None
         try:
-            raw = self._stats.get(f"shoal.listing.{key}", default=None, retry=True)
-            return json.loads(raw) if raw else None
-        except (OSError, sqlite3.Error, diskcache.Timeout, ValueError):
+            return json.loads(self._listing_path(key).read_bytes())
+        except (OSError, ValueError):
             return None
 
     def put_listing(self, key: str, entries: list[dict[str, Any]]) -> None:
-        if self._stats is None:
+        if self._cache is None:
             return
+        path = self._listing_path(key)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            self._stats.set(f"shoal.listing.{key}", json.dumps(entries), retry=_WRITE_RETRY)
-        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            path.parent.mkdir(exist_ok=True)
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, path)  # readers see the old listing or the new one, whole
+        except OSError as exc:
             logger.debug("could not remember a listing: %s", exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def persisted_stats(self) -> dict[str, int]:
         """Counters summed over every process that used this directory."""
         if self._stats is None:
             return {}
         out: dict[str, int] = {}
-        for name in ("hits", "misses", "bytes_from_cache", "bytes_from_store", "store_requests",
-                     "evictions", "corrupt_blocks", "write_failures", "read_failures"):
+        for name in _PERSISTED:
             out[name] = int(self._stats.get(_STATS_KEY_PREFIX + name, default=0, retry=True))
         return out
 

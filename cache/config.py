@@ -110,6 +110,13 @@ class CacheConfig:
     #: holding the same hot blocks; what peers sent stays in the memory tier,
     #: and reaches this SSD only when memory runs short).
     keep_peer_copies: bool = False
+    #: Hand warm Parquet files to DuckDB as sparse local copies of their cached
+    #: ranges, which it reads natively (see cache/localcopy.py); off: every
+    #: read goes through the filesystem.
+    local_copies: bool = True
+    #: Bytes the local copies may hold, in the cache directory beside the
+    #: blocks (default: a quarter of ``size_limit``).
+    local_copies_size: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -132,7 +139,8 @@ class CacheConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "CacheConfig":
         """Build from ``SHOAL_CACHE_DIR``, ``SHOAL_CACHE_SIZE``, ``SHOAL_CACHE_BLOCK_SIZE``,
         ``SHOAL_CACHE`` (``off`` disables), ``SHOAL_PEER_LOCAL_COPIES`` (``1`` keeps
-        copies of what peers served), with explicit ``overrides`` winning."""
+        copies of what peers served), ``SHOAL_LOCAL_COPIES`` (``off``: DuckDB reads
+        every file through the filesystem), with explicit ``overrides`` winning."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         if env.get("SHOAL_CACHE_DIR"):
@@ -145,11 +153,18 @@ class CacheConfig:
             values["enabled"] = False
         if env.get("SHOAL_PEER_LOCAL_COPIES", "").lower() in {"1", "true", "yes", "on"}:
             values["keep_peer_copies"] = True
+        if env.get("SHOAL_LOCAL_COPIES", "").lower() in {"off", "0", "false", "no"}:
+            values["local_copies"] = False
         values.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("size_limit", "block_size", "max_request_size", "memory_size"):
+        for key in ("size_limit", "block_size", "max_request_size", "memory_size", "local_copies_size"):
             if key in values:
                 values[key] = parse_size(values[key])
         return cls(**values)
+
+    @property
+    def local_copies_limit(self) -> int:
+        """Bytes the local copies may hold (``local_copies_size``, default a quarter of ``size_limit``)."""
+        return self.size_limit // 4 if self.local_copies_size is None else self.local_copies_size
 
     def replace(self, **changes: Any) -> "CacheConfig":
         return dataclasses.replace(self, **changes)

@@ -26,11 +26,13 @@ import json
 import os
 import logging
 import threading
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 from fsspec import AbstractFileSystem
 
 from .config import CacheConfig, StoreConfig
+from .localcopy import Layout, LocalCopies
 from .errors import StorageConfigError, StorageError, translate_store_error
 from .reader import BlockReader, ReadCursor
 from .source import ObjectSource, ObjectVersion, open_source, split_url, versions_from_entries
@@ -109,6 +111,7 @@ class ShoalFileSystem(AbstractFileSystem):
         self._pins: dict[str, ObjectVersion] | None = None
         self._pins_lock = threading.Lock()
         self._last_error: StorageError | None = None
+        self._local_copies: LocalCopies | None = None
 
     # -- sources and versions -------------------------------------------------
 
@@ -346,6 +349,51 @@ class ShoalFileSystem(AbstractFileSystem):
         version = self.version(path)
         protocol, _ = self._split(path)
         return self.reader.prefetch_ranges(self.source(protocol), version, ranges)
+
+    @property
+    def local_copies_directory(self) -> Path:
+        """Where :meth:`local_copy` keeps its files (inside the cache directory)."""
+        return self.cache_config.directory / "local-copies"
+
+    def local_copy(self, path: str, parts: Sequence[str] | None, layout: Callable[[], Layout | None]) -> str | None:
+        """A local file holding the object's bytes of ``parts`` of its ``layout``
+        (None: all; holes elsewhere), made from this SSD's verified blocks, for a
+        reader that opens files itself (DuckDB's own Parquet reader); None when
+        some of them are not on this SSD, the object is a local file already, or
+        local copies are off.  ``layout`` is called only for an object without a
+        copy yet.  See :mod:`shoal.cache.localcopy` for what makes it safe."""
+        protocol, _ = self._split(path)
+        if not self.cache_config.local_copies or protocol == "file" or not self.reader.cache.available:
+            return None
+        source, version = self.source(protocol), self.version(path)
+        if not self.reader.caches(source) or version.size == 0:
+            return None
+        key = self.reader.object_key(source, version)
+        with self._sources_lock:
+            if self._local_copies is None:
+                self._local_copies = LocalCopies(self.local_copies_directory,
+                                                 size_limit=self.cache_config.local_copies_limit,
+                                                 metrics=self.reader.metrics)
+            copies = self._local_copies
+        local = copies.path(key, version.size, parts, layout,
+                            lambda lo, hi: self.reader.read_cached(key, version, lo, hi))
+        if local is not None:
+            self.reader.ledger.add(version.url, local_copies=1)
+        return local
+
+    def cached_range(self, path: str, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the object if this SSD holds them all, else None
+        (never fetches)."""
+        protocol, _ = self._split(path)
+        source, version = self.source(protocol), self.version(path)
+        if not self.reader.caches(source):
+            return None
+        return self.reader.read_cached(self.reader.object_key(source, version), version, start, end)
+
+    def clear_local_copies(self) -> int:
+        """Remove every local copy (``shoal cache clear``); returns how many."""
+        return LocalCopies(self.local_copies_directory, size_limit=0,
+                           metrics=self.reader.metrics).clear()
 
     def to_pyarrow(self) -> Any:
         """This filesystem as a ``pyarrow.fs.FileSystem``."""

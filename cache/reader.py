@@ -50,6 +50,8 @@ class UrlIO:
     blocks_missed: int = 0
     bytes_from_peers: int = 0
     blocks_from_peers: int = 0
+    #: Times the object was handed to DuckDB as a local copy (read natively, not counted in bytes).
+    local_copies: int = 0
 
 
 class IOLedger:
@@ -216,7 +218,8 @@ class BlockReader:
 
     # -- keys ---------------------------------------------------------------
 
-    def _object_key(self, source: ObjectSource, version: ObjectVersion) -> str:
+    def object_key(self, source: ObjectSource, version: ObjectVersion) -> str:
+        """The cache's key of one object version (its blocks are ``"<key>:<index>"``)."""
         identity = "\0".join(
             (source.store_id, version.url, version.token, str(version.size), str(self.config.block_size))
         )
@@ -242,13 +245,13 @@ class BlockReader:
             if served is not None:
                 return served
             self.settle(cursor)
-        if not self._caches(source):
+        if not self.caches(source):
             data = source.fetch(version, [(start, end)])[0]
             self.metrics.add(bytes_from_store=len(data), store_requests=1)
             self.ledger.add(version.url, bytes_from_store=len(data), store_requests=1)
             return data
         first, last = start // bs, (end - 1) // bs
-        object_key = self._object_key(source, version)
+        object_key = self.object_key(source, version)
         parts: dict[int, bytes | memoryview] = {}
         missing: list[int] = []
         for index in range(first, last + 1):
@@ -454,7 +457,7 @@ class BlockReader:
         """Fetch exactly these byte ranges (neighbours closer than ``gap`` merged) in
         the background, as pieces; returns the bytes requested.  Ranges already
         cached or being fetched are skipped."""
-        if not self._caches(source):
+        if not self.caches(source):
             return 0
         merged: list[list[int]] = []
         for start, end in sorted((max(0, s), min(e, version.size)) for s, e in ranges if e > s):
@@ -463,7 +466,7 @@ class BlockReader:
             else:
                 merged.append([start, end])
         bs = self.config.block_size
-        object_key = self._object_key(source, version)
+        object_key = self.object_key(source, version)
         requested = 0
         for start, end in merged:
             wanted = []
@@ -496,11 +499,11 @@ class BlockReader:
 
         The range is split into GET-sized pieces fetched concurrently (up to
         ``max_concurrency``), not one coalesced request per call."""
-        if not self._caches(source):
+        if not self.caches(source):
             return
         last = min(first_block + count, self.num_blocks(version))
         step = self.readahead_request_blocks()
-        object_key = self._object_key(source, version)
+        object_key = self.object_key(source, version)
         for first in range(first_block, last, step):
             # Only blocks on neither tier are fetched.  Blocks already on the SSD
             # are left there for the reader to read in place (``read_range``):
@@ -535,6 +538,24 @@ class BlockReader:
         blocks = cfg.max_concurrency * self.readahead_request_blocks()
         blocks = min(blocks, max(1, cfg.memory_size // (2 * cfg.block_size)))
         return max(cfg.readahead_blocks, blocks)
+
+    def read_cached(self, object_key: str, version: ObjectVersion, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` if this SSD holds (and verifies) all of them, else
+        None; never fetches and never waits for a fetch in flight."""
+        bs = self.config.block_size
+        end = min(end, version.size)
+        parts = []
+        for index in range(start // bs, (end - 1) // bs + 1 if end > start else start // bs):
+            key = f"{object_key}:{index}"
+            lo, hi = max(start - index * bs, 0), min(end - index * bs, bs)
+            piece = None if self.cache.known_partial(key) else self.cache.read_range(key, lo, hi, promote=False)
+            if piece is None:
+                piece = self.cache.read_piece(key, lo, hi)
+            if piece is None or len(piece) != hi - lo:
+                return None
+            parts.append(piece)
+        self.metrics.add(hits=len(parts), bytes_from_cache=end - start)
+        return b"".join(parts)
 
     def num_blocks(self, version: ObjectVersion) -> int:
         bs = self.config.block_size
@@ -576,11 +597,11 @@ class BlockReader:
         would land in fresh memory, paid for with a page fault per 4 KiB;
         freed blocks let the allocator hand the same pages to the next ones.
         """
-        if first_block >= end_block or not self._caches(source):
+        if first_block >= end_block or not self.caches(source):
             return
         if not self.cache.available or self.cache.metrics.degraded:  # the memory tier is the only copy
             return
-        object_key = self._object_key(source, version)
+        object_key = self.object_key(source, version)
         for index in range(first_block, end_block):
             self._memory.discard(f"{object_key}:{index}")
 
@@ -590,7 +611,7 @@ class BlockReader:
 
     # -- internals ----------------------------------------------------------
 
-    def _caches(self, source: ObjectSource) -> bool:
+    def caches(self, source: ObjectSource) -> bool:
         """Local files are read in place unless ``cache_local_files`` asks otherwise."""
         return self.config.cache_local_files or source.store_id != "file"
 
@@ -606,7 +627,7 @@ class BlockReader:
         self, source: ObjectSource, version: ObjectVersion, indices: Iterable[int], *, wait: bool,
         ssd_checked: bool = False,
     ) -> dict[int, bytes | memoryview]:
-        object_key = self._object_key(source, version)
+        object_key = self.object_key(source, version)
         found: dict[int, bytes | memoryview] = {}
         waiting: dict[int, Future[bytes | memoryview]] = {}
         to_fetch: list[int] = []

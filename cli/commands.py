@@ -152,6 +152,7 @@ def cache(ctx: "Context", action: str, target: str | None, as_json: bool) -> int
         try:
             before = fs.reader.cache.volume()
             removed = fs.reader.cache.clear()
+            fs.clear_local_copies()
             after = fs.reader.cache.volume()
         finally:
             fs.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from .aggregate import PartialAggregate, plan_partial_aggregate
 from .catalog import Catalog, TableDef
 from .errors import SqlSyntaxError, translate_duckdb_error
 from .security import check_source, lock_down
-from .sqlinfo import column_references, named_columns, parse_tree, table_references, top_level_conjuncts
+from .sqlinfo import (column_references, named_columns, parse_tree, reads_only_named_columns, table_references,
+                      top_level_conjuncts)
 
 __all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quote_literal"]
 
@@ -102,6 +104,9 @@ class QueryPlan:
     #: scans hold the pinned files and the columns the query names (for
     #: prefetching); DuckDB pushes projections and filters into its scans itself.
     fused: bool = False
+    #: Fused plans: DuckDB may be handed files holding only the named columns'
+    #: bytes (local copies; see :func:`reads_only_named_columns`).
+    native: bool = False
 
 
 def _scan_nodes(plan: Any) -> Iterator[dict[str, Any]]:
@@ -156,9 +161,19 @@ class Planner:
         self.con.execute("SET enable_external_file_cache=false")
         for name, value in (settings or {}).items():
             self.con.execute(f"SET {name}={quote_literal(value)}")
-        lock_down(self.con, allowed_paths, fs.protocol)
+        # DuckDB reads local copies of cached files itself (see shoal.cache.localcopy).
+        readable = None if allowed_paths is None else (*allowed_paths, str(fs.local_copies_directory))
+        lock_down(self.con, readable, fs.protocol)
         self.allowed_paths = allowed_paths
         self._listing_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-list")
+        # Its threads now, not while a query plans (starting one waits for the GIL).
+        started = threading.Barrier(9)
+        for _ in range(8):
+            self._listing_pool.submit(started.wait, 5)
+        started.wait(5)
+        # DuckDB initialises its statement serializer on first use (~20 ms): here,
+        # once per session, not in the first query's planning.
+        self.con.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()
         #: Use listings remembered on the SSD and check them in the background.
         self.speculate = False
         #: Per table of the last plan: (pattern, listing used, future of the fresh listing).
@@ -183,9 +198,9 @@ class Planner:
 
     # -- step 2: files and views ---------------------------------------------------
 
-    def _list_tables(self, tables: dict[str, TableDef]) -> dict[str, list[ObjectVersion]]:
+    def _list_tables(self, tables: dict[str, TableDef], *, footers: bool = True) -> dict[str, list[ObjectVersion]]:
         """Each table's objects (versions pinned by the caller's snapshot), listed
-        together; their footers are prefetched."""
+        together; with ``footers``, their footers are prefetched."""
         for table in tables.values():
             # Before anything is listed or read: DuckDB's lock covers DuckDB's own
             # reads, not the listing and footer reads Shoal makes for it.
@@ -208,7 +223,7 @@ class Planner:
         for name, versions in zip(to_list, fresh):
             listings[name] = versions
             self.fs.remember_versions(tables[name].pattern, versions)
-        for versions in listings.values():
+        for versions in listings.values() if footers else ():
             for version in versions:
                 if version.size > 0 and "://" in version.url and not version.url.startswith("file://"):
                     # Footers: DuckDB reads them one file at a time while binding and
@@ -355,7 +370,7 @@ class Planner:
         if any(table.hive for table in tables.values()):
             return self.plan(sql)
         self.revalidate = {}
-        listings = self._list_tables(tables)
+        listings = self._list_tables(tables, footers=False)  # prefetch_plan fetches the footers it needs
         names, all_named = named_columns(tree)
         scans: dict[str, TableScan] = {}
         for name, table in tables.items():
@@ -367,7 +382,7 @@ class Planner:
                 partition_filter=None, files_listed=len(files), files=files,
                 fragments=[Fragment(table=name, index=i, files=(f,), size=f.size) for i, f in enumerate(files)],
                 all_named=all_named)
-        return QueryPlan(sql=bound, scans=scans, fused=True)
+        return QueryPlan(sql=bound, scans=scans, fused=True, native=reads_only_named_columns(tree))
 
     def plan(self, sql: str, *, partial_aggregation: bool = False) -> QueryPlan:
         """Plan one SELECT (call inside ``fs.snapshot()`` so versions stay pinned).

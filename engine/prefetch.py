@@ -1,31 +1,41 @@
 """Scan-aware prefetch: fetch what a query will read before DuckDB asks for it.
 
 After planning, the coordinator knows each scan's files and columns.  The
-Parquet footers (already read, and cached, while planning) give the byte range
-of every column chunk, so the blocks covering the projected columns can be
+Parquet footers (all requested at once, one round trip) give the byte range of
+every column chunk, so the blocks covering the projected columns can be
 requested all at once, with the cache's full GET concurrency, while DuckDB
 starts executing.  Row-group pruning by statistics is not predicted, so this is
 a superset of what DuckDB reads; it is bounded by the projected columns.
+
+A file whose footer and named columns are all on this SSD already is not
+prefetched: DuckDB is handed a local copy of those ranges to read natively
+(see :mod:`shoal.cache.localcopy`); its layout comes from the copy's sidecar,
+so a warm query parses no footer.
 """
 
 from __future__ import annotations
 
 import logging
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shoal.cache import ShoalFileSystem, StorageError
+from shoal.cache import ObjectVersion, ShoalFileSystem, StorageError
 
 from .planner import QueryPlan
 
-__all__ = ["column_chunk_ranges", "prefetch_plan"]
+__all__ = ["column_chunk_ranges", "native_layout", "prefetch_plan"]
 
 logger = logging.getLogger(__name__)
 
+_FOOTER_TAIL = 8  # footer length (4 bytes) + "PAR1"
+_FOOTER_GUESS = 64 << 10  # one read that holds most files' footers
 
-def column_chunk_ranges(metadata: pq.FileMetaData, columns: set[str] | None) -> list[tuple[int, int]]:
+
+def column_chunk_ranges(metadata: pq.FileMetaData, columns: set[str] | None, *,
+                        bloom_filters: bool = False) -> list[tuple[int, int]]:
     """Byte ranges of the chunks of ``columns`` (top-level names, any case; None:
-    all) in every row group."""
+    all) in every row group, and with ``bloom_filters`` their bloom filters."""
     wanted = None if columns is None else {c.lower() for c in columns}
     ranges = []
     for group in range(metadata.num_row_groups):
@@ -38,31 +48,97 @@ def column_chunk_ranges(metadata: pq.FileMetaData, columns: set[str] | None) -> 
             if chunk.has_dictionary_page and chunk.dictionary_page_offset:
                 start = min(start, chunk.dictionary_page_offset)
             ranges.append((start, start + chunk.total_compressed_size))
+            if bloom_filters and chunk.bloom_filter_offset and chunk.bloom_filter_length:
+                ranges.append((chunk.bloom_filter_offset, chunk.bloom_filter_offset + chunk.bloom_filter_length))
     return ranges
 
 
-def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int) -> int:
-    """Start background fetches for the plan's column chunks; returns blocks covered.
+def native_layout(metadata: pq.FileMetaData, size: int) -> dict[str, list[tuple[int, int]] | None]:
+    """Where a Parquet reader finds what it may use of a ``size``-byte file: the
+    footer (key ``""``) and, per top-level column (lower-cased), its chunks and
+    bloom filters.  A column with a page index maps to None: pyarrow does not
+    expose where the index is, so a copy could not be known to hold it."""
+    layout: dict[str, list[tuple[int, int]] | None] = {"": [(size - _FOOTER_TAIL - metadata.serialized_size, size)]}
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for index in range(row_group.num_columns):
+            chunk = row_group.column(index)
+            name = chunk.path_in_schema.split(".", 1)[0].lower()
+            ranges = layout.setdefault(name, [])
+            if ranges is None:
+                continue
+            if chunk.has_column_index or chunk.has_offset_index:
+                layout[name] = None
+                continue
+            start = chunk.data_page_offset
+            if chunk.has_dictionary_page and chunk.dictionary_page_offset:
+                start = min(start, chunk.dictionary_page_offset)
+            ranges.append((start, start + chunk.total_compressed_size))
+            if chunk.bloom_filter_offset and chunk.bloom_filter_length:
+                ranges.append((chunk.bloom_filter_offset, chunk.bloom_filter_offset + chunk.bloom_filter_length))
+    return layout
+
+
+def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int,
+                  native: bool = False) -> dict[str, str]:
+    """Start background fetches for the plan's column chunks (and their bloom
+    filters).  With ``native``, a file whose ranges are all on this SSD is not
+    fetched but handed over as a local copy (:meth:`ShoalFileSystem.local_copy`):
+    returns ``{url: local path}`` of those.
 
     Stops adding objects once ``max_bytes`` of column chunks are requested, so a
     query far larger than the cache's memory tier is not prefetched wholesale.
     """
-    requested = blocks = 0
-    for scan in plan.scans.values():
-        wanted = None if scan.all_named else set(scan.columns)
-        for version in scan.files:
-            if "://" not in version.url or version.url.startswith("file://"):
-                continue  # local files are read in place
+    requested = 0
+    copies: dict[str, str] = {}
+    remote = [(scan, version) for scan in plan.scans.values() for version in scan.files
+              if "://" in version.url and not version.url.startswith("file://")]  # local files are read in place
+    for scan, version in remote:
+        if native:
+            parts = None if scan.all_named else ["", *sorted(c.lower() for c in scan.columns)]
             try:
-                with fs.open(version.url, "rb") as handle:
-                    metadata = pq.ParquetFile(handle).metadata
+                local = fs.local_copy(version.url, parts, lambda v=version: _cached_layout(fs, v))
             except (StorageError, OSError, ValueError) as exc:
-                logger.debug("no prefetch for %s: %s", version.url, exc)
-                continue
-            ranges = column_chunk_ranges(metadata, wanted)
-            size = sum(end - start for start, end in ranges)
-            if requested + size > max_bytes:
-                return blocks
-            requested += size
-            blocks += fs.prefetch(version.url, ranges)
-    return blocks
+                logger.debug("no local copy of %s: %s", version.url, exc)
+                local = None
+            if local is not None:
+                copies[version.url] = local
+    # The footers of the rest, all at once (each is a round trip to the store when cold).
+    rest = [(scan, version) for scan, version in remote if version.url not in copies]
+    for _, version in rest:
+        fs.prefetch(version.url, [(max(0, version.size - _FOOTER_GUESS), version.size)])
+    for scan, version in rest:
+        if requested >= max_bytes:
+            break
+        wanted = None if scan.all_named else set(scan.columns)
+        try:
+            ranges = column_chunk_ranges(_metadata(fs, version), wanted, bloom_filters=True)
+        except (StorageError, OSError, ValueError) as exc:
+            logger.debug("no prefetch for %s: %s", version.url, exc)
+            continue
+        size = sum(end - start for start, end in ranges)
+        if requested + size > max_bytes:
+            break
+        requested += size
+        fs.prefetch(version.url, ranges)
+    return copies
+
+
+def _metadata(fs: ShoalFileSystem, version: ObjectVersion) -> pq.FileMetaData:
+    with fs.open(version.url, "rb") as handle:
+        return pq.ParquetFile(handle).metadata
+
+
+def _cached_layout(fs: ShoalFileSystem, version: ObjectVersion) -> dict[str, list[tuple[int, int]] | None] | None:
+    """The object's layout from its footer if the footer is on this SSD (a local
+    copy needs every byte cached anyway: a cold footer would be a GET for nothing)."""
+    tail = fs.cached_range(version.url, max(0, version.size - _FOOTER_GUESS), version.size)
+    if tail is None or len(tail) < 8 or tail[-4:] != b"PAR1":
+        return None
+    length = int.from_bytes(tail[-8:-4], "little")
+    if length + 8 > len(tail):  # a footer larger than the guess
+        tail = fs.cached_range(version.url, max(0, version.size - 8 - length), version.size)
+        if tail is None or length + 8 > len(tail):
+            return None
+    metadata = pq.read_metadata(pa.BufferReader(tail[len(tail) - 8 - length:]))
+    return native_layout(metadata, version.size)

@@ -23,6 +23,8 @@ class TableIO:
     bytes_from_peers: int = 0
     blocks_from_peers: int = 0
     store_requests: int = 0
+    #: Files DuckDB read natively from local copies of their cached ranges.
+    local_copies: int = 0
     rows_out: int = 0
     seconds: float = 0.0
 
@@ -33,6 +35,7 @@ class TableIO:
         self.bytes_from_peers += io.bytes_from_peers
         self.blocks_from_peers += io.blocks_from_peers
         self.store_requests += io.store_requests
+        self.local_copies += io.local_copies
 
 
 @dataclass
@@ -64,6 +67,11 @@ class QueryProfile:
     def store_requests(self) -> int:
         return sum(t.store_requests for t in self.tables.values())
 
+    @property
+    def local_copies(self) -> int:
+        """Files DuckDB read natively from local copies (their bytes are not counted above)."""
+        return sum(t.local_copies for t in self.tables.values())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "executor": self.executor,
@@ -75,6 +83,7 @@ class QueryProfile:
             "bytes_from_cache": self.bytes_from_cache,
             "bytes_from_peers": self.bytes_from_peers,
             "store_requests": self.store_requests,
+            "local_copies": self.local_copies,
         }
 
 
@@ -120,6 +129,7 @@ def render_explain(profile: QueryProfile, *, analyze: bool, max_fragments: int =
             lines.append(
                 f"    read: {_size(io.bytes_from_store)} from store in {io.store_requests} GET(s), {peers}"
                 f"{_size(io.bytes_from_cache)} from SSD cache, {_size(io.bytes_from_memory)} from memory"
+                + (f"; {io.local_copies} file(s) read natively from local copies" if io.local_copies else "")
                 + ("" if fused else f"; {io.rows_out} rows to coordinator")
             )
     if plan.partial is not None:
@@ -138,5 +148,6 @@ def render_explain(profile: QueryProfile, *, analyze: bool, max_fragments: int =
         lines.append(
             f"  total: {profile.rows} rows; {_size(profile.bytes_from_store)} from store "
             f"({profile.store_requests} GETs), {peers}{_size(profile.bytes_from_cache)} from cache"
+            + (f", {profile.local_copies} file(s) from local copies" if profile.local_copies else "")
         )
     return "\n".join(lines)

@@ -100,6 +100,16 @@ class _ProgressReporter:
 
 
 
+def _local_copy_failure(exc: duckdb.Error, copies: dict[str, str]) -> bool:
+    """Whether DuckDB failed on a local copy: a file gone (evicted by another
+    process), or a hole read as a page header (zeros are not valid Thrift)."""
+    if not copies:
+        return False
+    text = str(exc)
+    return (isinstance(exc, duckdb.IOException) or "TProtocolException" in text
+            or any(path in text for path in copies.values()))
+
+
 def _temp_directory() -> str:
     """Where the coordinator's DuckDB spills: ``SHOAL_TEMP_DIR``, else a per-user
     folder in the system temp directory."""
@@ -399,7 +409,28 @@ class Session:
         # Fetched pieces wait on the SSD (or, without a cache, in memory) until read.
         config = self.fs.cache_config
         budget = config.size_limit // 2 if self.fs.reader.cache.available else config.memory_size // 2
-        prefetch_plan(self.fs, plan, max_bytes=budget)
+        copies = prefetch_plan(self.fs, plan, max_bytes=budget, native=plan.native)
+        try:
+            table = self._run_fused(plan, copies)
+        except duckdb.Error as exc:
+            if not _local_copy_failure(exc, copies):
+                raise translate_duckdb_error(exc, self.fs.take_error()) from exc
+            # A local copy DuckDB could not read (evicted meanwhile, or a byte range
+            # it wanted that the copy lacks): the same query through the cache.
+            logger.warning("DuckDB could not use local copies of cached files (%s); reading through the cache",
+                           str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            self.fs.reader.metrics.add(local_copy_fallbacks=1)
+            prefetch_plan(self.fs, plan, max_bytes=budget)
+            try:
+                table = self._run_fused(plan, {})
+            except duckdb.Error as again:
+                raise translate_duckdb_error(again, self.fs.take_error()) from again
+        profile.stages["scan+finish"] = time.perf_counter() - started
+        return table
+
+    def _run_fused(self, plan: Any, copies: dict[str, str]) -> pa.Table:
+        """The plan's SQL on the finishing connection, each table a view over its
+        pinned files (``copies``: local files to read instead of some URLs)."""
         con = self._finish_connection()
         con.execute(f"SET threads={self.workers}").fetchall()
         views = []
@@ -408,7 +439,8 @@ class Session:
                 columns = "*" if plan.fused else ", ".join(quote_ident(c) for c in scan.columns)
                 if scan.files:
                     where = f" WHERE {scan.filter}" if scan.filter else ""
-                    body = f"SELECT {columns} FROM {parquet_source([f.url for f in scan.files], scan.table.hive)}{where}"
+                    urls = [copies.get(f.url, f.url) for f in scan.files]
+                    body = f"SELECT {columns} FROM {parquet_source(urls, scan.table.hive)}{where}"
                 else:
                     body = f"SELECT {columns} FROM {quote_ident(name)} LIMIT 0"
                     con.register(name, self.planner.con.sql(body).to_arrow_table())
@@ -416,17 +448,13 @@ class Session:
                     continue
                 con.execute(f"CREATE OR REPLACE TEMP VIEW {quote_ident(name)} AS {body}").fetchall()
                 views.append((name, False))
-            table = con.sql(plan.sql).to_arrow_table()
-        except duckdb.Error as exc:
-            raise translate_duckdb_error(exc, self.fs.take_error()) from exc
+            return con.sql(plan.sql).to_arrow_table()
         finally:
             for name, registered in views:
                 if registered:
                     con.unregister(name)
                 else:
                     con.execute(f"DROP VIEW IF EXISTS {quote_ident(name)}").fetchall()
-        profile.stages["scan+finish"] = time.perf_counter() - started
-        return table
 
     def _execute_on_workers(self, plan: Any, profile: QueryProfile) -> pa.Table:
         scan_started = time.perf_counter()

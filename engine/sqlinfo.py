@@ -13,7 +13,8 @@ import duckdb
 
 from .errors import SqlSyntaxError
 
-__all__ = ["parse_tree", "table_references", "column_references", "named_columns", "top_level_conjuncts"]
+__all__ = ["parse_tree", "table_references", "column_references", "named_columns", "reads_only_named_columns",
+           "top_level_conjuncts"]
 
 
 def parse_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
@@ -58,6 +59,34 @@ def table_references(tree: dict[str, Any]) -> list[str]:
             if node.get("schema_name") in ("", None) and name.lower() not in ctes and name not in names:
                 names.append(name)
     return names
+
+
+def reads_only_named_columns(tree: dict[str, Any]) -> bool:
+    """Whether DuckDB can read nothing of the statement's tables but the columns
+    :func:`named_columns` finds (or all of them, for ``*``).  Conservative, for
+    handing DuckDB files that hold only those columns (local copies): false when
+    a table or alias is also a name (``SELECT t FROM t`` reads whole rows), for
+    NATURAL joins (they join on columns nobody names), PIVOT/UNPIVOT and the
+    ``filename`` column (a local copy's path is not the object's URL)."""
+    names, _ = named_columns(tree)
+    if "filename" in names:
+        return False
+    relations: set[str] = set()
+    expression_aliases: set[str] = set()
+    for node in _walk(tree):
+        if node.get("ref_type") == "NATURAL" or node.get("type") in ("PIVOT", "UNPIVOT"):
+            return False
+        alias = node.get("alias")
+        if "class" in node:  # an expression: ``x AS nation`` names a value, not a table
+            if isinstance(alias, str) and alias:
+                expression_aliases.add(alias.lower())
+            continue
+        for name in (node.get("table_name"), alias):
+            if isinstance(name, str) and name:
+                relations.add(name.lower())
+    # A name that is also an expression's alias most likely means that value; if
+    # it meant the table, DuckDB reads a hole of a copy and the engine re-runs.
+    return not (names & relations) - expression_aliases
 
 
 def column_references(tree: dict[str, Any]) -> set[str]:

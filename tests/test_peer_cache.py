@@ -133,7 +133,7 @@ def test_store_is_read_once_per_block_for_the_cluster(cluster: Cluster, s3_clien
     second = make_fs(cluster.addresses, "second")
     assert second.cat_file(url) == data
     assert client_gets(second) == 0 and cluster.store_gets() - before == 11  # no new store reads at all
-    owners = {str(tier.membership.owner(f"{second.reader._object_key(second.source('s3'), second.version(url))}:{i}"))
+    owners = {str(tier.membership.owner(f"{second.reader.object_key(second.source('s3'), second.version(url))}:{i}"))
               for i in range(11)}
     assert len(owners) >= 2  # the blocks really are spread over the workers
     stats = tier.stats(first.stats())
@@ -349,7 +349,7 @@ def test_dead_peer_costs_one_short_timeout_then_the_store(small_cluster: Cluster
     url, data = put(s3_client, s3_bucket, "obj.bin", 16 * BS, seed=5)
     fs = make_fs(small_cluster.addresses, timeout=2.0, down_for=60.0)
     tier = fs.reader.peers
-    key = fs.reader._object_key(fs.source("s3"), fs.version(url))
+    key = fs.reader.object_key(fs.source("s3"), fs.version(url))
     dead = small_cluster.addresses[1]
     dead_blocks = [i for i in range(16) if str(tier.membership.owner(f"{key}:{i}")) == dead]
     assert 0 < len(dead_blocks) < 16

@@ -109,7 +109,7 @@ class StoreFiller:
         if version.token != request.token:
             return ServedBlock(Status.REJECTED, detail="version token does not match the origin")
         reader = self._reader(bs)
-        if f"{reader._object_key(source, version)}:{origin.index}" != request.key:
+        if f"{reader.object_key(source, version)}:{origin.index}" != request.key:
             return ServedBlock(Status.REJECTED, detail="key does not match the origin")
         start = origin.index * bs
         end = min(start + bs, origin.size)
