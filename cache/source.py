@@ -251,9 +251,17 @@ class S3Source:
             return list((await self.fs._find(path, detail=True)).values())
         return [info]
 
-    def warm_up(self) -> None:
-        """Create the S3 client now (session, credentials, service model), not on first use."""
+    def warm_up(self, url: str | None = None) -> None:
+        """Create the S3 client now (session, credentials, service model), not on
+        first use; with ``url``, also send one HEAD to its bucket: the first
+        request of a process builds the HTTP session (its TLS contexts load the
+        CA bundle, even for plain HTTP) and costs ~0.1 s, better paid before
+        a query needs its answer.  Errors are the caller's to ignore."""
         sync(self.fs.loop, self.fs.set_session)
+        if url:
+            bucket = split_url(url)[1].split("/", 1)[0]
+            if bucket:
+                sync(self.fs.loop, self.fs._call_s3, "head_bucket", Bucket=bucket)
 
     async def _list_matching(self, path: str) -> list[dict[str, Any]]:
         # One recursive listing under the pattern's fixed prefix, filtered here:

@@ -176,7 +176,8 @@ class Planner:
         self.con.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()
         #: Use listings remembered on the SSD and check them in the background.
         self.speculate = False
-        #: Per table of the last plan: (pattern, listing used, future of the fresh listing).
+        #: Per table of the last plan: (pattern, listing used, future of the fresh listing,
+        #: None until :meth:`start_revalidation`).
         self.revalidate: dict[str, tuple[str, list[ObjectVersion], Any]] = {}
 
     # -- step 1: which tables ---------------------------------------------------
@@ -215,8 +216,7 @@ class Planner:
             # Plan and run on the listing an earlier query saw; the store is
             # listed meanwhile and the session re-runs the query if it changed.
             listings[name] = [self.fs.pin(v) for v in remembered]
-            self.revalidate[name] = (table.pattern, remembered,
-                                     self._listing_pool.submit(self.fs.list_versions, table.pattern))
+            self.revalidate[name] = (table.pattern, remembered, None)  # listed by start_revalidation()
         # Listing is one request per table: issue them together (each costs a
         # round trip to the store, ~27 ms on S3).
         fresh = self._listing_pool.map(lambda n: self.fs.versions(tables[n].pattern), to_list)
@@ -230,6 +230,16 @@ class Planner:
                     # estimating; fetching every file's tail at once hides that latency.
                     self.fs.prefetch(version.url, [(max(0, version.size - _FOOTER_GUESS), version.size)])
         return listings
+
+    def start_revalidation(self) -> None:
+        """List the store for the tables planned on remembered listings.  Called when
+        the query is about to run, not while planning: parsing LIST responses in a
+        background thread takes the GIL from the planner's own work (every file
+        opened, every DuckDB call waits for it), while DuckDB's execution leaves
+        it free."""
+        for name, (pattern, used, future) in list(self.revalidate.items()):
+            if future is None:
+                self.revalidate[name] = (pattern, used, self._listing_pool.submit(self.fs.list_versions, pattern))
 
     def _define_views(self, tables: dict[str, TableDef]) -> dict[str, tuple[list[ObjectVersion], list[str]]]:
         listings = self._list_tables(tables)
