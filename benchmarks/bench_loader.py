@@ -396,6 +396,11 @@ class Bench:
         base.update(kw)
         return base
 
+    def run_competitor(self, name: str, cache_dir: Path, **spec: Any) -> dict[str, Any]:
+        """One run of a competitor, in its own environment, on its copy of the data."""
+        url = f"s3://{BUCKET}/{COMPETITORS[name].prefix.rstrip('/')}"
+        return self.run_worker(self.spec(name, url=url, cache_dir=str(cache_dir), **spec), COMPETITORS[name].python)
+
     def case(self, name: str, make: Any, runs: int, keep: list[Path] | None = None) -> list[dict[str, Any]]:
         """``runs`` runs of one case; ``keep``: the runs' cache directories, all but the last deleted after use.
         A failed run is logged and recorded in ``failures``; the benchmark goes on."""
@@ -446,17 +451,13 @@ class Bench:
                     self.spec("shoal", url=url, cache_dir=str(caches[-1]))), self.runs)
                 # --competitor-steps batches per epoch (None: whole epochs); rates are per batch.
                 cap = {"max_steps": self.competitor_steps}
-                for name, info in self.competitors.items():
-                    if "skipped" in info:
-                        continue
-                    python, curl = COMPETITORS[name].python, f"s3://{BUCKET}/{COMPETITORS[name].prefix.rstrip('/')}"
+                measured = [name for name, info in self.competitors.items() if "skipped" not in info]
+                for name in measured:
                     dirs = [workdir / f"cache-{name}-{r}" for r in range(self.runs)]
-                    cases[f"{name}_cold"] = self.case(f"{name} cold+epoch2", lambda r, n=name, u=curl, d=dirs, py=python:
-                                                      self.run_worker(self.spec(n, url=u, cache_dir=str(d[r]), epochs=2,
-                                                                                **cap), py), self.runs, dirs)
-                    cases[f"{name}_warm"] = self.case(f"{name} warm", lambda r, n=name, u=curl, d=dirs, py=python:
-                                                      self.run_worker(self.spec(n, url=u, cache_dir=str(d[-1]), **cap),
-                                                                      py), self.runs)
+                    cases[f"{name}_cold"] = self.case(f"{name} cold+epoch2", lambda r, n=name, d=dirs: self.run_competitor(
+                        n, d[r], epochs=2, **cap), self.runs, dirs)
+                    cases[f"{name}_warm"] = self.case(f"{name} warm", lambda r, n=name, d=dirs: self.run_competitor(
+                        n, d[-1], **cap), self.runs)
                 sim = {"step_ms": args.step_ms, "max_steps": self.sim_steps}
                 sims: dict[str, list[dict[str, Any]]] = {}
                 sims["local"] = self.case("sim local", lambda r: self.run_worker(
@@ -466,14 +467,10 @@ class Bench:
                     self.spec("shoal", url=url, cache_dir=str(scratch[r]), **sim)), self.runs, scratch)
                 sims["shoal_warm"] = self.case("sim shoal warm", lambda r: self.run_worker(
                     self.spec("shoal", url=url, cache_dir=str(caches[-1]), **sim)), self.runs)
-                for name, info in self.competitors.items():
-                    if "skipped" in info:
-                        continue
-                    python, curl = COMPETITORS[name].python, f"s3://{BUCKET}/{COMPETITORS[name].prefix.rstrip('/')}"
+                for name in measured:
                     dirs = [workdir / f"cache-sim-{name}-{r}" for r in range(self.runs)]
-                    sims[f"{name}_cold"] = self.case(f"sim {name} cold", lambda r, n=name, u=curl, d=dirs, py=python:
-                                                     self.run_worker(self.spec(n, url=u, cache_dir=str(d[r]), **sim),
-                                                                     py), self.runs, dirs)
+                    sims[f"{name}_cold"] = self.case(f"sim {name} cold", lambda r, n=name, d=dirs: self.run_competitor(
+                        n, d[r], **sim), self.runs, dirs)
                 results["quality"] = self.quality()
                 cases = {k: v for k, v in cases.items() if v}
                 sims = {k: v for k, v in sims.items() if v}

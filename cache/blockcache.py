@@ -51,6 +51,8 @@ _PIECE_LISTS = 4096  # blocks whose piece lists are kept in memory
 # After this many consecutive write failures, stop trying to write for a while.
 _FAILURES_BEFORE_BACKOFF = 3
 _WRITE_BACKOFF_PUTS = 256
+#: The counters that add up to ``CacheMetrics.errors``.
+_ERROR_COUNTERS = ("corrupt_blocks", "write_failures", "read_failures", "local_copy_corrupt")
 #: Counters summed over processes in the cache directory (``shoal cache stats``).
 _PERSISTED = ("hits", "misses", "bytes_from_cache", "bytes_from_store", "store_requests", "evictions",
               "corrupt_blocks", "write_failures", "read_failures", "local_copy_uses", "local_copy_bytes")
@@ -87,13 +89,12 @@ class CacheMetrics:
 
     @property
     def errors(self) -> int:
-        return self.corrupt_blocks + self.write_failures + self.read_failures + self.local_copy_corrupt
+        return sum(getattr(self, name) for name in _ERROR_COUNTERS)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        data["errors"] = (data["corrupt_blocks"] + data["write_failures"] + data["read_failures"]
-                          + data["local_copy_corrupt"])
+        data["errors"] = sum(data[name] for name in _ERROR_COUNTERS)
         return data
 
 

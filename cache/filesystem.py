@@ -365,18 +365,12 @@ class ShoalFileSystem(AbstractFileSystem):
         protocol, _ = self._split(path)
         if not self.cache_config.local_copies or protocol == "file" or not self.reader.cache.available:
             return None
-        source, version = self.source(protocol), self.version(path)
-        if not self.reader.caches(source) or version.size == 0:
+        cached = self._cached_object(path)
+        if cached is None or cached[0].size == 0:
             return None
-        key = self.reader.object_key(source, version)
-        with self._sources_lock:
-            if self._local_copies is None:
-                self._local_copies = LocalCopies(self.local_copies_directory,
-                                                 size_limit=self.cache_config.local_copies_limit,
-                                                 metrics=self.reader.metrics)
-            copies = self._local_copies
-        local = copies.path(key, version.size, parts, layout,
-                            lambda lo, hi: self.reader.read_cached(key, version, lo, hi))
+        version, key = cached
+        local = self._copies().path(key, version.size, parts, layout,
+                                    lambda lo, hi: self.reader.read_cached(key, version, lo, hi))
         if local is not None:
             self.reader.ledger.add(version.url, local_copies=1)
         return local
@@ -384,16 +378,28 @@ class ShoalFileSystem(AbstractFileSystem):
     def cached_range(self, path: str, start: int, end: int) -> bytes | None:
         """Bytes ``[start, end)`` of the object if this SSD holds them all, else None
         (never fetches)."""
+        cached = self._cached_object(path)
+        return None if cached is None else self.reader.read_cached(cached[1], cached[0], start, end)
+
+    def _cached_object(self, path: str) -> tuple[ObjectVersion, str] | None:
+        """The object's pinned version and cache key, or None if it is not cached (a local file)."""
         protocol, _ = self._split(path)
         source, version = self.source(protocol), self.version(path)
         if not self.reader.caches(source):
             return None
-        return self.reader.read_cached(self.reader.object_key(source, version), version, start, end)
+        return version, self.reader.object_key(source, version)
+
+    def _copies(self) -> LocalCopies:
+        with self._sources_lock:
+            if self._local_copies is None:
+                self._local_copies = LocalCopies(self.local_copies_directory,
+                                                 size_limit=self.cache_config.local_copies_limit,
+                                                 metrics=self.reader.metrics)
+            return self._local_copies
 
     def clear_local_copies(self) -> int:
         """Remove every local copy (``shoal cache clear``); returns how many."""
-        return LocalCopies(self.local_copies_directory, size_limit=0,
-                           metrics=self.reader.metrics).clear()
+        return self._copies().clear()
 
     def to_pyarrow(self) -> Any:
         """This filesystem as a ``pyarrow.fs.FileSystem``."""

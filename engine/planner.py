@@ -30,7 +30,7 @@ from .security import check_source, lock_down
 from .sqlinfo import (column_references, named_columns, parse_tree, reads_only_named_columns, table_references,
                       top_level_conjuncts)
 
-__all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "quote_ident", "quote_literal"]
+__all__ = ["Fragment", "TableScan", "QueryPlan", "Planner", "footer_range", "quote_ident", "quote_literal"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ def quote_ident(name: str) -> str:
 
 def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def footer_range(version: ObjectVersion) -> tuple[int, int]:
+    """The tail of a Parquet object that one read fetches to find its footer."""
+    return max(0, version.size - _FOOTER_GUESS), version.size
 
 
 def parquet_source(urls: Sequence[str], hive: bool) -> str:
@@ -228,7 +233,7 @@ class Planner:
                 if version.size > 0 and "://" in version.url and not version.url.startswith("file://"):
                     # Footers: DuckDB reads them one file at a time while binding and
                     # estimating; fetching every file's tail at once hides that latency.
-                    self.fs.prefetch(version.url, [(max(0, version.size - _FOOTER_GUESS), version.size)])
+                    self.fs.prefetch(version.url, [footer_range(version)])
         return listings
 
     def start_revalidation(self) -> None:

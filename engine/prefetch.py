@@ -22,14 +22,24 @@ import pyarrow.parquet as pq
 
 from shoal.cache import ObjectVersion, ShoalFileSystem, StorageError
 
-from .planner import QueryPlan
+from .planner import QueryPlan, footer_range
 
 __all__ = ["column_chunk_ranges", "native_layout", "prefetch_plan"]
 
 logger = logging.getLogger(__name__)
 
 _FOOTER_TAIL = 8  # footer length (4 bytes) + "PAR1"
-_FOOTER_GUESS = 64 << 10  # one read that holds most files' footers
+
+
+def _chunk_ranges(chunk: pq.ColumnChunkMetaData, bloom_filters: bool) -> list[tuple[int, int]]:
+    """Where one column chunk lies (from its dictionary page on), and its bloom filter."""
+    start = chunk.data_page_offset
+    if chunk.has_dictionary_page and chunk.dictionary_page_offset:
+        start = min(start, chunk.dictionary_page_offset)
+    ranges = [(start, start + chunk.total_compressed_size)]
+    if bloom_filters and chunk.bloom_filter_offset and chunk.bloom_filter_length:
+        ranges.append((chunk.bloom_filter_offset, chunk.bloom_filter_offset + chunk.bloom_filter_length))
+    return ranges
 
 
 def column_chunk_ranges(metadata: pq.FileMetaData, columns: set[str] | None, *,
@@ -42,14 +52,8 @@ def column_chunk_ranges(metadata: pq.FileMetaData, columns: set[str] | None, *,
         row_group = metadata.row_group(group)
         for index in range(row_group.num_columns):
             chunk = row_group.column(index)
-            if wanted is not None and chunk.path_in_schema.split(".", 1)[0].lower() not in wanted:
-                continue
-            start = chunk.data_page_offset
-            if chunk.has_dictionary_page and chunk.dictionary_page_offset:
-                start = min(start, chunk.dictionary_page_offset)
-            ranges.append((start, start + chunk.total_compressed_size))
-            if bloom_filters and chunk.bloom_filter_offset and chunk.bloom_filter_length:
-                ranges.append((chunk.bloom_filter_offset, chunk.bloom_filter_offset + chunk.bloom_filter_length))
+            if wanted is None or chunk.path_in_schema.split(".", 1)[0].lower() in wanted:
+                ranges += _chunk_ranges(chunk, bloom_filters)
     return ranges
 
 
@@ -70,12 +74,7 @@ def native_layout(metadata: pq.FileMetaData, size: int) -> dict[str, list[tuple[
             if chunk.has_column_index or chunk.has_offset_index:
                 layout[name] = None
                 continue
-            start = chunk.data_page_offset
-            if chunk.has_dictionary_page and chunk.dictionary_page_offset:
-                start = min(start, chunk.dictionary_page_offset)
-            ranges.append((start, start + chunk.total_compressed_size))
-            if chunk.bloom_filter_offset and chunk.bloom_filter_length:
-                ranges.append((chunk.bloom_filter_offset, chunk.bloom_filter_offset + chunk.bloom_filter_length))
+            ranges += _chunk_ranges(chunk, bloom_filters=True)
     return layout
 
 
@@ -106,7 +105,7 @@ def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int,
     # The footers of the rest, all at once (each is a round trip to the store when cold).
     rest = [(scan, version) for scan, version in remote if version.url not in copies]
     for _, version in rest:
-        fs.prefetch(version.url, [(max(0, version.size - _FOOTER_GUESS), version.size)])
+        fs.prefetch(version.url, [footer_range(version)])
     for scan, version in rest:
         if requested >= max_bytes:
             break
@@ -132,7 +131,7 @@ def _metadata(fs: ShoalFileSystem, version: ObjectVersion) -> pq.FileMetaData:
 def _cached_layout(fs: ShoalFileSystem, version: ObjectVersion) -> dict[str, list[tuple[int, int]] | None] | None:
     """The object's layout from its footer if the footer is on this SSD (a local
     copy needs every byte cached anyway: a cold footer would be a GET for nothing)."""
-    tail = fs.cached_range(version.url, max(0, version.size - _FOOTER_GUESS), version.size)
+    tail = fs.cached_range(version.url, *footer_range(version))
     if tail is None or len(tail) < 8 or tail[-4:] != b"PAR1":
         return None
     length = int.from_bytes(tail[-8:-4], "little")

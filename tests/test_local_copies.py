@@ -197,6 +197,13 @@ def _table(n: int = 6000, offset: int = 0) -> pa.Table:
                      "s": [f"row-{i:08d}-{'x' * 40}" for i in range(n)]})
 
 
+def _fresh_query(endpoint, cache_dir: Path, bucket: str, query: str):
+    """``query`` over table ``t`` in a new session (a new process would do the same)."""
+    with _session(endpoint, cache_dir) as session:
+        session.register("t", f"s3://{bucket}/t/*.parquet")
+        return session.sql(query)
+
+
 def _copies_used(result) -> int:
     return sum(io.local_copies for io in result.profile.tables.values())
 
@@ -239,9 +246,8 @@ def test_an_overwritten_object_is_never_read_from_an_old_copy(s3_endpoint, s3_cl
     _put(s3_client, s3_bucket, "t/part-0.parquet", _table())
     query = "SELECT sum(a) AS total FROM t"
     for _ in range(2):  # fill the cache, then make a copy
-        with _session(s3_endpoint, tmp_path / "cache") as session:
-            session.register("t", f"s3://{s3_bucket}/t/*.parquet")
-            assert session.sql(query).table.to_pylist() == [{"total": sum(range(6000))}]
+        result = _fresh_query(s3_endpoint, tmp_path / "cache", s3_bucket, query)
+        assert result.table.to_pylist() == [{"total": sum(range(6000))}]
     _put(s3_client, s3_bucket, "t/part-0.parquet", _table(offset=1000))
     with _session(s3_endpoint, tmp_path / "cache") as session:
         session.register("t", f"s3://{s3_bucket}/t/*.parquet")
@@ -253,10 +259,8 @@ def test_an_overwritten_object_is_never_read_from_an_old_copy(s3_endpoint, s3_cl
 def test_a_corrupted_copy_is_not_used(s3_endpoint, s3_client, s3_bucket, tmp_path: Path) -> None:
     _put(s3_client, s3_bucket, "t/part-0.parquet", _table())
     query = "SELECT b, sum(a) AS total FROM t GROUP BY b ORDER BY b"
-    for _ in range(2):
-        with _session(s3_endpoint, tmp_path / "cache") as session:
-            session.register("t", f"s3://{s3_bucket}/t/*.parquet")
-            expected = session.sql(query).table
+    for _ in range(2):  # fill the cache, then make a copy
+        expected = _fresh_query(s3_endpoint, tmp_path / "cache", s3_bucket, query).table
     (copy,) = (tmp_path / "cache" / "local-copies").glob("*.parquet")
     sidecar = json.loads(copy.with_suffix(".json").read_text())
     lo, hi, _ = sidecar["ranges"][1]
@@ -279,10 +283,8 @@ def test_a_copy_missing_a_range_duckdb_reads_falls_back_to_the_cache(s3_endpoint
     DuckDB cannot parse them as a page header, and the query runs through the cache."""
     _put(s3_client, s3_bucket, "t/part-0.parquet", _table())
     query = "SELECT sum(a) AS total, sum(b) AS bs FROM t"
-    for _ in range(2):
-        with _session(s3_endpoint, tmp_path / "cache") as session:
-            session.register("t", f"s3://{s3_bucket}/t/*.parquet")
-            expected = session.sql(query).table
+    for _ in range(2):  # fill the cache, then make a copy
+        expected = _fresh_query(s3_endpoint, tmp_path / "cache", s3_bucket, query).table
     shutil.rmtree(tmp_path / "cache" / "local-copies")  # made again below, with the faulty ranges
     real = prefetch_module.native_layout
     monkeypatch.setattr(prefetch_module, "native_layout",
