@@ -35,7 +35,8 @@ from .config import CacheConfig, StoreConfig
 from .localcopy import Layout, LocalCopies
 from .errors import StorageConfigError, StorageError, translate_store_error
 from .reader import BlockReader, ReadCursor
-from .source import ObjectSource, ObjectVersion, open_source, split_url, versions_from_entries
+from .source import (ObjectSource, ObjectVersion, common_glob_prefix, matching, open_source, split_url,
+                     versions_from_entries)
 from .threadlocal import ThreadSlots
 
 __all__ = ["ShoalFileSystem", "ShoalFile"]
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 _SUPPORTED = ("s3", "s3a", "file", "memory")
 # Contiguous reads after which a file handle counts as a sequential scan.
 _SEQUENTIAL_AFTER = 3
+_JOINT_LISTING_KEYS = 1000  # one page of an S3 LIST
 
 
 def _url(protocol: str, path: str) -> str:
@@ -238,6 +240,30 @@ class ShoalFileSystem(AbstractFileSystem):
         """List the store now, without pinning (to check a remembered listing)."""
         protocol, _ = self._split(pattern)
         return self.source(protocol).glob(self.canonical(pattern))
+
+    def list_versions_together(self, patterns: Sequence[str]) -> list[list[ObjectVersion]] | None:
+        """The store's listings of several globs from one LIST of the prefix they
+        share (a query's tables side by side in one folder), or None where that
+        is not possible: different stores, a source without it, or a prefix that
+        holds more than one page (remembered, so later calls go straight to
+        listing each glob).  One request instead of one per table: a query
+        waits for the slowest of its listings, and the store's latency has a tail."""
+        canonical = [self.canonical(p) for p in patterns]
+        prefix = common_glob_prefix(canonical)
+        if prefix is None or len({self._split(p)[0] for p in canonical}) != 1:
+            return None
+        source = self.source(self._split(prefix)[0])
+        list_prefix = getattr(source, "list_prefix", None)
+        if list_prefix is None:
+            return None
+        too_wide = self._listing_key(prefix) + "-too-wide"
+        if self.reader.cache.get_listing(too_wide) is not None:
+            return None
+        versions = list_prefix(prefix, max_keys=_JOINT_LISTING_KEYS)
+        if versions is None:
+            self.reader.cache.put_listing(too_wide, [])
+            return None
+        return [matching(versions, pattern) for pattern in canonical]
 
     # -- fsspec API -------------------------------------------------------------
 

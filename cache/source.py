@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import random
 import re
 import threading
@@ -44,6 +45,8 @@ __all__ = ["ObjectVersion", "ObjectSource", "S3Source", "FsspecSource", "open_so
            "versions_from_entries"]
 
 logger = logging.getLogger(__name__)
+
+_LIST_INITIAL_HEDGE_S = 0.1
 
 S3_PROTOCOLS = ("s3", "s3a")
 
@@ -188,6 +191,30 @@ def _version_from_info(protocol: str, info: dict[str, Any]) -> ObjectVersion:
     )
 
 
+def common_glob_prefix(patterns: Sequence[str]) -> str | None:
+    """The longest ``scheme://bucket/dir/`` prefix shared by globs (each with a
+    wildcard, all in one bucket), or None: the prefix one LIST could answer
+    them all from."""
+    fixed = []
+    for pattern in patterns:
+        scheme, sep, path = pattern.partition("://")
+        if not sep or not any(ch in path for ch in "*?["):
+            return None
+        head = re.split(r"[*?\[]", path, maxsplit=1)[0]
+        fixed.append(f"{scheme}://{head[: head.rfind('/') + 1]}")
+    common = os.path.commonprefix(fixed)
+    common = common[: common.rfind("/") + 1]
+    scheme, _, path = common.partition("://")
+    return common if "/" in path and path.split("/", 1)[0] else None  # at least "bucket/"
+
+
+def matching(versions: Sequence[ObjectVersion], pattern: str) -> list[ObjectVersion]:
+    """The ``versions`` (of one store) that a glob matches, as ``glob`` would list them."""
+    scheme, _, path = pattern.partition("://")
+    matcher = re.compile(glob_translate(path))
+    return [v for v in versions if matcher.match(v.url.partition("://")[2])]
+
+
 class S3Source:
     """An S3-compatible store through s3fs, with concurrent pinned range GETs."""
 
@@ -214,7 +241,10 @@ class S3Source:
         self.fs.retries = 1
         self.max_concurrency = max_concurrency
         self.hedger = Hedger(HedgePolicy(enabled=config.hedge, after_s=config.hedge_after))
-        self.list_hedger = Hedger(HedgePolicy(enabled=config.hedge, after_s=config.hedge_after))
+        # Before a process has seen enough LISTs: S3 answers one in tens of ms, and a
+        # warm query waits for its LIST, so a slow one gets a second copy sooner than a GET.
+        self.list_hedger = Hedger(HedgePolicy(enabled=config.hedge, after_s=config.hedge_after,
+                                              initial_after_s=_LIST_INITIAL_HEDGE_S))
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self.requests = 0
         self.bytes_fetched = 0
@@ -242,6 +272,20 @@ class S3Source:
         infos = self._metadata(pattern, lambda: sync(self.fs.loop, self.list_hedger.run,
                                                      lambda: self._listing(path), what="LIST"))
         return sorted((_version_from_info("s3", i) for i in infos), key=lambda v: v.url)
+
+    def list_prefix(self, prefix_url: str, *, max_keys: int = 1000) -> list[ObjectVersion] | None:
+        """Every object under ``s3://bucket/prefix/`` from one LIST request, or None
+        when they do not fit in one page of ``max_keys``."""
+        bucket, _, prefix = split_url(prefix_url)[1].partition("/")
+        page = self._metadata(prefix_url, lambda: sync(
+            self.fs.loop, self.list_hedger.run,
+            lambda: self.fs._call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=max_keys),
+            what="LIST"))
+        if page.get("IsTruncated"):
+            return None
+        return sorted((_version_from_info("s3", {**item, "name": f"{bucket}/{item['Key']}", "size": item["Size"]})
+                       for item in page.get("Contents", []) if not item["Key"].endswith("/")),
+                      key=lambda v: v.url)
 
     async def _listing(self, path: str) -> list[dict[str, Any]]:
         if any(ch in path for ch in "*?["):

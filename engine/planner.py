@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -225,6 +225,7 @@ class Planner:
         # Listing is one request per table: issue them together (each costs a
         # round trip to the store, ~27 ms on S3).
         fresh = self._listing_pool.map(lambda n: self.fs.versions(tables[n].pattern), to_list)
+        self.start_revalidation()
         for name, versions in zip(to_list, fresh):
             listings[name] = versions
             self.fs.remember_versions(tables[name].pattern, versions)
@@ -242,9 +243,46 @@ class Planner:
         background thread takes the GIL from the planner's own work (every file
         opened, every DuckDB call waits for it), while DuckDB's execution leaves
         it free."""
-        for name, (pattern, used, future) in list(self.revalidate.items()):
-            if future is None:
-                self.revalidate[name] = (pattern, used, self._listing_pool.submit(self.fs.list_versions, pattern))
+        pending = [(name, pattern, used) for name, (pattern, used, future) in self.revalidate.items()
+                   if future is None]
+        if len(pending) > 1:
+            # One LIST of the folder the tables share, when it fits in a page: the
+            # query waits for its slowest listing, and each request risks the tail.
+            parts = self._listings_together([pattern for _, pattern, _ in pending])
+            for (name, pattern, used), part in zip(pending, parts):
+                self.revalidate[name] = (pattern, used, part)
+            return
+        for name, pattern, used in pending:
+            self.revalidate[name] = (pattern, used, self._listing_pool.submit(self.fs.list_versions, pattern))
+
+    def _listings_together(self, patterns: list[str]) -> list[Future]:
+        """A future listing per pattern, all answered by one request where the
+        store allows (``list_versions_together``), else one request each."""
+        parts: list[Future] = [Future() for _ in patterns]
+        joint = self._listing_pool.submit(self.fs.list_versions_together, patterns)
+
+        def pass_on(source: Future, part: Future) -> None:
+            if source.exception() is not None:
+                part.set_exception(source.exception())
+            else:
+                part.set_result(source.result())
+
+        def split(done: Future) -> None:
+            lists = None if done.exception() is not None else done.result()
+            if lists is not None:
+                for part, versions in zip(parts, lists):
+                    part.set_result(versions)
+                return
+            for pattern, part in zip(patterns, parts):  # a LIST per pattern, as usual
+                try:
+                    listed = self._listing_pool.submit(self.fs.list_versions, pattern)
+                except RuntimeError as exc:  # the session closed meanwhile
+                    part.set_exception(exc)
+                    continue
+                listed.add_done_callback(lambda listed, part=part: pass_on(listed, part))
+
+        joint.add_done_callback(split)
+        return parts
 
     def _define_views(self, tables: dict[str, TableDef]) -> dict[str, tuple[list[ObjectVersion], list[str]]]:
         listings = self._list_tables(tables)

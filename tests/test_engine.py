@@ -286,6 +286,52 @@ def test_remembered_listings_never_hide_new_or_changed_files(s3_endpoint, s3_buc
         assert unchanged.profile.store_requests == 0
 
 
+def _lists(session: Session) -> int:
+    return session.fs.source("s3").list_hedger.requests
+
+
+def test_tables_in_one_folder_are_checked_with_one_listing(s3_endpoint, s3_bucket, s3_client, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm query checks the remembered listings of its tables with one LIST of the
+    folder they share (it waits for the slowest of its LISTs otherwise), still sees a
+    file added since, and lists each table when that folder holds more than a page."""
+    import shoal.cache.filesystem as filesystem_module
+
+    _put_parquet(s3_client, s3_bucket, "wh/t/a.parquet", pa.table({"k": [1, 2], "x": [10, 20]}))
+    _put_parquet(s3_client, s3_bucket, "wh/u/a.parquet", pa.table({"k": [1], "y": [5]}))
+    _put_parquet(s3_client, s3_bucket, "wh/other/big.parquet", pa.table({"z": [0]}))  # listed, not read
+    query = (f"SELECT sum(x) AS x, count(y) AS y FROM 's3://{s3_bucket}/wh/t/*.parquet' t "
+             f"LEFT JOIN 's3://{s3_bucket}/wh/u/*.parquet' u USING (k)")
+    with _s3_session(s3_endpoint, tmp_path, executor="local") as s:
+        assert s.sql(query).table.to_pylist() == [{"x": 30, "y": 1}]
+    _put_parquet(s3_client, s3_bucket, "wh/u/b.parquet", pa.table({"k": [2], "y": [7]}))
+    with _s3_session(s3_endpoint, tmp_path, executor="local") as s:
+        assert s.sql(query).table.to_pylist() == [{"x": 30, "y": 2}]  # the new file is seen
+        before = _lists(s)
+        assert s.sql(query).table.to_pylist() == [{"x": 30, "y": 2}]
+        assert _lists(s) - before == 1  # both tables checked by one request
+    monkeypatch.setattr(filesystem_module, "_JOINT_LISTING_KEYS", 2)  # the folder now holds more than a page
+    s3_client.delete_object(Bucket=s3_bucket, Key="wh/u/b.parquet")
+    with _s3_session(s3_endpoint, tmp_path, executor="local") as s:
+        before = _lists(s)
+        assert s.sql(query).table.to_pylist() == [{"x": 30, "y": 1}]
+        assert _lists(s) - before >= 3  # the page that did not fit, then a LIST per table
+    with _s3_session(s3_endpoint, tmp_path, executor="local") as s:  # remembered: no more attempts
+        before = _lists(s)
+        assert s.sql(query).table.to_pylist() == [{"x": 30, "y": 1}]
+        assert _lists(s) - before == 2
+
+
+def test_common_glob_prefix() -> None:
+    from shoal.cache.source import common_glob_prefix
+
+    assert common_glob_prefix(["s3://b/wh/t/*.parquet", "s3://b/wh/u/*.parquet"]) == "s3://b/wh/"
+    assert common_glob_prefix(["s3://b/wh/t/*.parquet", "s3://b/wh/t/x=*/*.parquet"]) == "s3://b/wh/t/"
+    assert common_glob_prefix(["s3://b/t/*.parquet", "s3://b/u/*.parquet"]) == "s3://b/"
+    assert common_glob_prefix(["s3://b/t/*.parquet", "s3://c/u/*.parquet"]) is None  # two buckets
+    assert common_glob_prefix(["s3://b/t/a.parquet", "s3://b/u/*.parquet"]) is None  # not a glob
+
+
 @pytest.mark.parametrize(("sql", "names", "whole_rows"), [
     ("SELECT b FROM t WHERE a < 10", {"a", "b"}, False),
     ("SELECT * FROM t", set(), True),
