@@ -381,36 +381,41 @@ class ShoalFileSystem(AbstractFileSystem):
         """Where :meth:`local_copy` keeps its files (inside the cache directory)."""
         return self.cache_config.directory / "local-copies"
 
-    def local_copy(self, path: str, parts: Sequence[str] | None, layout: Callable[[], Layout | None]) -> str | None:
+    def local_copy(self, path: str, parts: Sequence[str] | None, layout: Callable[[], Layout | None], *,
+                   version: ObjectVersion | None = None, use: bool = True) -> str | None:
         """A local file holding the object's bytes of ``parts`` of its ``layout``
         (None: all; holes elsewhere), made from this SSD's verified blocks, for a
         reader that opens files itself (DuckDB's own Parquet reader); None when
         some of them are not on this SSD, the object is a local file already, or
         local copies are off.  ``layout`` is called only for an object without a
-        copy yet.  See :mod:`shoal.cache.localcopy` for what makes it safe."""
+        copy yet.  ``version``: the object's version if the caller has it pinned
+        (else it is looked up); ``use=False`` prepares a copy for a later reader
+        without counting a use.  See :mod:`shoal.cache.localcopy` for what makes it safe."""
         protocol, _ = self._split(path)
         if not self.cache_config.local_copies or protocol == "file" or not self.reader.cache.available:
             return None
-        cached = self._cached_object(path)
+        cached = self._cached_object(path, version)
         if cached is None or cached[0].size == 0:
             return None
         version, key = cached
         local = self._copies().path(key, version.size, parts, layout,
-                                    lambda lo, hi: self.reader.read_cached(key, version, lo, hi))
-        if local is not None:
+                                    lambda lo, hi: self.reader.read_cached(key, version, lo, hi, count=use),
+                                    use=use)
+        if local is not None and use:
             self.reader.ledger.add(version.url, local_copies=1)
         return local
 
-    def cached_range(self, path: str, start: int, end: int) -> bytes | None:
+    def cached_range(self, path: str, start: int, end: int, *, version: ObjectVersion | None = None,
+                     count: bool = True) -> bytes | None:
         """Bytes ``[start, end)`` of the object if this SSD holds them all, else None
         (never fetches)."""
-        cached = self._cached_object(path)
-        return None if cached is None else self.reader.read_cached(cached[1], cached[0], start, end)
+        cached = self._cached_object(path, version)
+        return None if cached is None else self.reader.read_cached(cached[1], cached[0], start, end, count=count)
 
-    def _cached_object(self, path: str) -> tuple[ObjectVersion, str] | None:
+    def _cached_object(self, path: str, version: ObjectVersion | None = None) -> tuple[ObjectVersion, str] | None:
         """The object's pinned version and cache key, or None if it is not cached (a local file)."""
         protocol, _ = self._split(path)
-        source, version = self.source(protocol), self.version(path)
+        source, version = self.source(protocol), version or self.version(path)
         if not self.reader.caches(source):
             return None
         return version, self.reader.object_key(source, version)

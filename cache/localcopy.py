@@ -151,7 +151,7 @@ class LocalCopies:
         return base + _COPY, base + _SIDECAR
 
     def path(self, key: str, size: int, parts: Sequence[str] | None, layout: Callable[[], Layout | None],
-             read_cached: ReadCached) -> str | None:
+             read_cached: ReadCached, *, use: bool = True) -> str | None:
         """A local file (``size`` bytes long) holding the object's bytes of
         ``parts`` (None: all of them), or None when some of them are not in the
         cache or cannot be copied.
@@ -174,10 +174,11 @@ class LocalCopies:
         if meta is not None and self._verified(key, copy, sidecar, size, meta):
             if not _subtract(wanted, merge_ranges((lo, hi) for lo, hi, _ in meta["ranges"])):
                 self._touch(key, sidecar)
-                self.metrics.add(local_copy_uses=1)
+                if use:
+                    self.metrics.add(local_copy_uses=1)
                 return copy
         try:
-            return self._extend(key, size, known, wanted, read_cached)
+            return self._extend(key, size, known, wanted, read_cached, use)
         except OSError as exc:
             self.metrics.add(write_failures=1)
             logger.warning("cannot write a local copy in %s (%s); reading through the cache", self.directory, exc)
@@ -253,7 +254,7 @@ class LocalCopies:
     # -- writing ------------------------------------------------------------------
 
     def _extend(self, key: str, size: int, layout: Layout, wanted: Sequence[tuple[int, int]],
-                read_cached: ReadCached) -> str | None:
+                read_cached: ReadCached, use: bool = True) -> str | None:
         copy, sidecar = self._paths(key)
         # Everything missing must be cached before anything is written: a partial
         # copy would be of no use to this query.
@@ -293,7 +294,8 @@ class LocalCopies:
                 self.metrics.add(local_copy_bytes=written)
         finally:
             os.close(fd)  # releases the lock
-        self.metrics.add(local_copy_uses=1)
+        if use:
+            self.metrics.add(local_copy_uses=1)
         if written:
             self._evict(keep=key)
         return copy

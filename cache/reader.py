@@ -539,9 +539,11 @@ class BlockReader:
         blocks = min(blocks, max(1, cfg.memory_size // (2 * cfg.block_size)))
         return max(cfg.readahead_blocks, blocks)
 
-    def read_cached(self, object_key: str, version: ObjectVersion, start: int, end: int) -> bytes | None:
+    def read_cached(self, object_key: str, version: ObjectVersion, start: int, end: int, *,
+                    count: bool = True) -> bytes | None:
         """Bytes ``[start, end)`` if this SSD holds (and verifies) all of them, else
-        None; never fetches and never waits for a fetch in flight."""
+        None; never fetches and never waits for a fetch in flight.  ``count=False``:
+        not a reader's hit (background work), left out of the metrics."""
         bs = self.config.block_size
         end = min(end, version.size)
         parts = []
@@ -554,7 +556,8 @@ class BlockReader:
             if piece is None or len(piece) != hi - lo:
                 return None
             parts.append(piece)
-        self.metrics.add(hits=len(parts), bytes_from_cache=end - start)
+        if count:
+            self.metrics.add(hits=len(parts), bytes_from_cache=end - start)
         return b"".join(parts)
 
     def num_blocks(self, version: ObjectVersion) -> int:
@@ -709,6 +712,20 @@ class BlockReader:
             run()
         else:
             self._writer.submit(run)
+
+    def after_writes(self, job: Callable[[], object]) -> None:
+        """Run ``job`` on the cache writer after the writes queued before it (its
+        errors are logged, never raised: it is background work)."""
+        def run() -> None:
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("background cache job failed: %s", exc)
+
+        try:
+            self._writer.submit(run)
+        except RuntimeError:  # closed
+            pass
 
     def flush(self) -> None:
         """Wait until blocks fetched so far are written to the SSD cache."""

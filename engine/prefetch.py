@@ -16,6 +16,7 @@ so a warm query parses no footer.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +25,7 @@ from shoal.cache import ObjectVersion, ShoalFileSystem, StorageError
 
 from .planner import QueryPlan, footer_range
 
-__all__ = ["column_chunk_ranges", "native_layout", "prefetch_plan"]
+__all__ = ["column_chunk_ranges", "native_layout", "prefetch_plan", "prepare_local_copies", "remote_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,19 +90,8 @@ def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int,
     query far larger than the cache's memory tier is not prefetched wholesale.
     """
     requested = 0
-    copies: dict[str, str] = {}
-    remote = [(scan, version) for scan in plan.scans.values() for version in scan.files
-              if "://" in version.url and not version.url.startswith("file://")]  # local files are read in place
-    for scan, version in remote:
-        if native:
-            parts = None if scan.all_named else ["", *sorted(c.lower() for c in scan.columns)]
-            try:
-                local = fs.local_copy(version.url, parts, lambda v=version: _cached_layout(fs, v))
-            except (StorageError, OSError, ValueError) as exc:
-                logger.debug("no local copy of %s: %s", version.url, exc)
-                local = None
-            if local is not None:
-                copies[version.url] = local
+    remote = remote_files(plan)
+    copies = _local_copies(fs, remote, use=True) if native else {}
     # The footers of the rest, all at once (each is a round trip to the store when cold).
     rest = [(scan, version) for scan, version in remote if version.url not in copies]
     for _, version in rest:
@@ -123,20 +113,51 @@ def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int,
     return copies
 
 
+def prepare_local_copies(fs: ShoalFileSystem, plan: QueryPlan) -> int:
+    """Make the local copies a later run of ``plan`` would use, from what this SSD
+    holds (nothing is fetched); returns how many files have one."""
+    return len(_local_copies(fs, remote_files(plan), use=False))
+
+
+def remote_files(plan: QueryPlan) -> list[tuple[Any, ObjectVersion]]:
+    """(scan, version) of each file of the plan in an object store."""
+    return [(scan, version) for scan in plan.scans.values() for version in scan.files
+            if "://" in version.url and not version.url.startswith("file://")]  # local files are read in place
+
+
+def _local_copies(fs: ShoalFileSystem, remote: list[tuple[Any, ObjectVersion]], *, use: bool) -> dict[str, str]:
+    """``{url: local path}`` of the files whose footer and named columns are all on
+    this SSD (``use=False``: made for a later query, not counted as used)."""
+    copies: dict[str, str] = {}
+    for scan, version in remote:
+        parts = None if scan.all_named else ["", *sorted(c.lower() for c in scan.columns)]
+        try:
+            local = fs.local_copy(version.url, parts, lambda v=version: _cached_layout(fs, v, count=use),
+                                  version=version, use=use)
+        except (StorageError, OSError, ValueError) as exc:
+            logger.debug("no local copy of %s: %s", version.url, exc)
+            local = None
+        if local is not None:
+            copies[version.url] = local
+    return copies
+
+
 def _metadata(fs: ShoalFileSystem, version: ObjectVersion) -> pq.FileMetaData:
     with fs.open(version.url, "rb") as handle:
         return pq.ParquetFile(handle).metadata
 
 
-def _cached_layout(fs: ShoalFileSystem, version: ObjectVersion) -> dict[str, list[tuple[int, int]] | None] | None:
+def _cached_layout(fs: ShoalFileSystem, version: ObjectVersion, *,
+                   count: bool = True) -> dict[str, list[tuple[int, int]] | None] | None:
     """The object's layout from its footer if the footer is on this SSD (a local
     copy needs every byte cached anyway: a cold footer would be a GET for nothing)."""
-    tail = fs.cached_range(version.url, *footer_range(version))
+    tail = fs.cached_range(version.url, *footer_range(version), version=version, count=count)
     if tail is None or len(tail) < 8 or tail[-4:] != b"PAR1":
         return None
     length = int.from_bytes(tail[-8:-4], "little")
     if length + 8 > len(tail):  # a footer larger than the guess
-        tail = fs.cached_range(version.url, max(0, version.size - 8 - length), version.size)
+        tail = fs.cached_range(version.url, max(0, version.size - 8 - length), version.size, version=version,
+                               count=count)
         if tail is None or length + 8 > len(tail):
             return None
     metadata = pq.read_metadata(pa.BufferReader(tail[len(tail) - 8 - length:]))

@@ -217,6 +217,8 @@ def test_warm_query_reads_local_copies_natively(s3_endpoint, s3_client, s3_bucke
         first = cold.sql(query)
         expected = first.table
         assert _copies_used(first) == 0 and first.profile.tables["t"].bytes_from_store > 0
+        cold.fs.reader.flush()  # the writer stores the chunks, then makes the copies the next run reads
+        assert cold.cache_stats()["local_copy_bytes"] > 0 and cold.cache_stats()["local_copy_uses"] == 0
     with _session(s3_endpoint, tmp_path / "cache") as warm:
         warm.register("t", f"s3://{s3_bucket}/t/*.parquet")
         result = warm.sql(query)
@@ -225,18 +227,23 @@ def test_warm_query_reads_local_copies_natively(s3_endpoint, s3_client, s3_bucke
         assert result.profile.tables["t"].bytes_from_store == 0
         stats = warm.cache_stats()
         assert stats["local_copy_uses"] == 2 and stats["bytes_from_store"] == 0
-        # A query naming a column not cached yet reads through the cache; once its
-        # chunks are on the SSD, the copies are extended with them (no GET).
+        assert stats["local_copy_bytes"] == 0  # ready since the cold query
+        # A query naming a column not cached yet reads through the cache; once the
+        # cache writer has stored its chunks, it extends the copies with them (no
+        # GET), so the next run reads natively without writing anything.
+        before = warm.cache_stats()["local_copy_bytes"]
         other_query = "SELECT count(DISTINCT s) AS n FROM t WHERE b = 3"
         other = warm.sql(other_query)
         assert other.table.to_pylist() == [{"n": 857}]
         assert _copies_used(other) == 0 and other.profile.tables["t"].bytes_from_store > 0
         warm.fs.reader.flush()
-        before = warm.cache_stats()["local_copy_bytes"]
+        extended = warm.cache_stats()["local_copy_bytes"]
+        assert extended > before
         again = warm.sql(other_query)
         assert again.table.to_pylist() == [{"n": 857}]
         assert _copies_used(again) == 2 and again.profile.tables["t"].bytes_from_store == 0
-        assert warm.cache_stats()["local_copy_bytes"] > before
+        assert warm.cache_stats()["local_copy_bytes"] == extended
+        assert warm.cache_stats()["local_copy_uses"] == 4  # the background job's copies are not uses
     copies = sorted((tmp_path / "cache" / "local-copies").glob("*.parquet"))
     assert len(copies) == 2
 
