@@ -11,20 +11,15 @@ processes (DataLoader workers, parallel CLI runs) share one directory safely.
 from __future__ import annotations
 
 import collections
-import contextlib
-import hashlib
 import io
-import json
 import logging
 import os
 import sqlite3
 import struct
 import threading
 import time
-import shutil
 import weakref
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import diskcache
@@ -33,6 +28,7 @@ from .blockfile import Corrupt, OpenBlock, Sealed, read_range
 from .config import CacheConfig
 from .gated import FORK_GATE, BlockDisk, GatedCache
 from .index import ObjectIndex
+from .listings import ListingFiles
 
 __all__ = ["BlockCache", "CacheMetrics"]
 
@@ -130,6 +126,7 @@ class BlockCache:
         self._flushed: dict[str, int] = {}
         self._open: collections.OrderedDict[str, OpenBlock] = collections.OrderedDict()
         self._open_lock = threading.Lock()
+        self._listings = ListingFiles(config.directory / "listings")
         #: Where each object's blocks are, one index query per object (see index.py).
         self._index: ObjectIndex | None = None
         # A fork while another thread held a lock would leave it held in the
@@ -544,7 +541,7 @@ class BlockCache:
             return 0
         if self._stats is not None:
             self._stats.clear(retry=True)
-        shutil.rmtree(self.config.directory / "listings", ignore_errors=True)
+        self._listings.clear()
         self._flushed = {}
         return int(self._cache.clear(retry=True))
 
@@ -569,37 +566,15 @@ class BlockCache:
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             logger.debug("could not persist cache statistics: %s", exc)
 
-    # Listings are files of their own (``listings/<key>.json``), not diskcache
-    # entries: a warm query reads one per table before anything else, and a
-    # file read costs far less than a SQLite lookup on a fresh connection.
-
-    def _listing_path(self, key: str) -> Path:
-        # Keys can come from peers: hashed, never used as a path themselves.
-        name = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-        return self.config.directory / "listings" / f"{name}.json"
+    # Listings (remembered LIST results) live apart from the blocks: see listings.py.
 
     def get_listing(self, key: str) -> list[dict[str, Any]] | None:
-        """A listing remembered by :meth:`put_listing` (kept apart from the blocks)."""
-        if self._cache is None:
-            return None
-        try:
-            return json.loads(self._listing_path(key).read_bytes())
-        except (OSError, ValueError):
-            return None
+        """A listing remembered by :meth:`put_listing`, or None."""
+        return self._listings.get(key) if self._cache is not None else None
 
     def put_listing(self, key: str, entries: list[dict[str, Any]]) -> None:
-        if self._cache is None:
-            return
-        path = self._listing_path(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
-        try:
-            path.parent.mkdir(exist_ok=True)
-            tmp.write_text(json.dumps(entries))
-            os.replace(tmp, path)  # readers see the old listing or the new one, whole
-        except OSError as exc:
-            logger.debug("could not remember a listing: %s", exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        if self._cache is not None:
+            self._listings.put(key, entries)
 
     def persisted_stats(self) -> dict[str, int]:
         """Counters summed over every process that used this directory."""

@@ -18,16 +18,16 @@ import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .blockcache import BlockCache
 from .config import CacheConfig
+from .readstate import (IOLedger, MemoryBlocks, PeerSource, ReadCursor, UrlIO, as_bytes, covers_block,
+                        slice_of)
 from .source import ObjectSource, ObjectVersion
 
-__all__ = ["BlockReader", "IOLedger"]
+__all__ = ["BlockReader", "IOLedger", "PeerSource", "ReadCursor", "UrlIO"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,151 +36,6 @@ _MAX_PENDING_WRITE_BYTES = 256 << 20
 # S3's ~27 ms first byte and ~60 MiB/s per connection a 4 MiB GET spends ~70%
 # of its time moving bytes; smaller ones mostly wait.
 _READAHEAD_REQUEST = 4 << 20
-
-
-@dataclass
-class UrlIO:
-    """Bytes and requests for one object, by tier."""
-
-    bytes_from_memory: int = 0
-    bytes_from_cache: int = 0
-    bytes_from_store: int = 0
-    store_requests: int = 0
-    blocks_hit: int = 0
-    blocks_missed: int = 0
-    bytes_from_peers: int = 0
-    blocks_from_peers: int = 0
-    #: Times the object was handed to DuckDB as a local copy (read natively, not counted in bytes).
-    local_copies: int = 0
-
-
-class IOLedger:
-    """Per-object I/O counters; the engine diffs snapshots to report per-table I/O."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_url: dict[str, UrlIO] = defaultdict(UrlIO)
-
-    def add(self, url: str, **deltas: int) -> None:
-        with self._lock:
-            entry = self._by_url[url]
-            for name, delta in deltas.items():
-                setattr(entry, name, getattr(entry, name) + delta)
-
-    def snapshot(self) -> dict[str, UrlIO]:
-        with self._lock:
-            return {url: UrlIO(**vars(io)) for url, io in self._by_url.items()}
-
-
-class _MemoryBlocks:
-    """A small LRU of verified blocks, bounded in bytes."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._blocks: OrderedDict[str, bytes | memoryview] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> bytes | memoryview | None:
-        with self._lock:
-            block = self._blocks.get(key)
-            if block is not None:
-                self._blocks.move_to_end(key)
-            return block
-
-    def put(self, key: str, block: bytes | memoryview) -> None:
-        if len(block) > self.capacity:
-            return
-        with self._lock:
-            old = self._blocks.pop(key, None)
-            if old is not None:
-                self._size -= len(old)
-            self._blocks[key] = block
-            self._size += len(block)
-            while self._size > self.capacity and self._blocks:
-                _, evicted = self._blocks.popitem(last=False)
-                self._size -= len(evicted)
-
-    def discard(self, key: str) -> None:
-        with self._lock:
-            old = self._blocks.pop(key, None)
-            if old is not None:
-                self._size -= len(old)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._blocks.clear()
-            self._size = 0
-
-
-def _as_bytes(part: bytes | memoryview) -> bytes:
-    """``bytes(part)``, without the copy when ``part`` is all of a bytes object
-    (a read of exactly one block, from memory or the SSD)."""
-    if isinstance(part, memoryview) and type(part.obj) is bytes and part.nbytes == len(part.obj):
-        return part.obj
-    return bytes(part)
-
-
-def _covers_block(index: int, start: int, end: int, block_size: int, size: int) -> bool:
-    """Whether ``[start, end)`` covers all of block ``index``."""
-    return start <= index * block_size and end >= min((index + 1) * block_size, size)
-
-
-def _slice_of(future: Future[bytes], lo: int, hi: int) -> Future[bytes]:
-    """A future of ``future``'s result[lo:hi]."""
-    out: Future[bytes] = Future()
-
-    def done(f: Future[bytes]) -> None:
-        if f.exception() is not None:
-            out.set_exception(f.exception())  # type: ignore[arg-type]
-        else:
-            out.set_result(memoryview(f.result())[lo:hi])  # type: ignore[arg-type]
-
-    future.add_done_callback(done)
-    return out
-
-
-class PeerSource(Protocol):
-    """Optional tier between the SSD cache and the store (``shoal.transport.peercache.PeerTier``)."""
-
-    def fetch_blocks(self, source: ObjectSource, version: ObjectVersion, block_size: int,
-                     wanted: Sequence[tuple[int, str, int]]) -> Mapping[int, bytes | memoryview]:
-        """Of the blocks ``(index, key, exact length)``, those peers delivered (verified)."""
-        ...
-
-    def fetch_pieces(self, source: ObjectSource, version: ObjectVersion, block_size: int,
-                     wanted: Sequence[tuple[int, str, int, int]]) -> Mapping[int, bytes | memoryview]:
-        """Of the pieces ``(index, key, lo, hi)`` (one per block), those peers delivered (verified)."""
-        ...
-
-    def remembered_listing(self, key: str) -> bytes | None:
-        """A listing (JSON) a peer remembers under ``key``, or None."""
-        ...
-
-    def share_listing(self, key: str, body: bytes) -> None:
-        """Offer a listing (JSON) to the peer that remembers ``key``."""
-        ...
-
-
-class ReadCursor:
-    """A sequential reader's place: the SSD block it is reading, kept open.
-
-    Reads that stay inside that block skip the tiers' lookups (memory, fetches
-    in flight, pieces, the open-file table), a large share of a 1 MiB read's
-    cost; they still verify the chunks they read.  Counters are added up here
-    and handed to the metrics when the reader moves on or closes.  (Reading
-    the next block ahead, whole, on another thread was tried: the extra copy
-    and the GIL it holds made 1 MiB reads slower, 0.42x a local file vs 0.68x.)
-    """
-
-    __slots__ = ("url", "index", "block", "reads", "bytes")
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.index = -1
-        self.block: Any = None  # the block's open file (blockfile.OpenBlock)
-        self.reads = 0
-        self.bytes = 0
 
 
 class BlockReader:
@@ -193,7 +48,7 @@ class BlockReader:
         self.peers = peers
         self.metrics = self.cache.metrics
         self.ledger = IOLedger()
-        self._memory = _MemoryBlocks(config.memory_size)
+        self._memory = MemoryBlocks(config.memory_size)
         self._closed = False
         self.cache.on_promote = lambda key: self._writer.submit(self.cache.promote, key)
         self._init_threads()
@@ -289,7 +144,7 @@ class BlockReader:
             else:
                 missing.append(index)
         # Pieces unless the read covers the block or reads sequentially (peers serve both).
-        whole = [i for i in missing if whole_blocks or _covers_block(i, start, end, bs, version.size)]
+        whole = [i for i in missing if whole_blocks or covers_block(i, start, end, bs, version.size)]
         partial = [i for i in missing if i not in whole]
         if whole:
             blocks = self._resolve(source, version, whole, wait=True, ssd_checked=True)
@@ -310,7 +165,7 @@ class BlockReader:
         if retry:
             parts.update(self._fetch_pieces(source, version, object_key, retry))
         if first == last:
-            return _as_bytes(parts[first])
+            return as_bytes(parts[first])
         return b"".join(parts[index] for index in range(first, last + 1))
 
     # -- pieces ---------------------------------------------------------------
@@ -320,7 +175,7 @@ class BlockReader:
         with self._lock:
             for start, end, future in self._pieces.get(key, ()):
                 if start <= lo and hi <= end:
-                    return _slice_of(future, lo - start, hi - start)
+                    return slice_of(future, lo - start, hi - start)
         return None
 
     def _fetch_pieces(self, source: ObjectSource, version: ObjectVersion, object_key: str,
@@ -581,7 +436,7 @@ class BlockReader:
             return None
         cursor.reads += 1
         cursor.bytes += len(view)
-        return _as_bytes(view)
+        return as_bytes(view)
 
     def settle(self, cursor: ReadCursor) -> None:
         """Count a cursor's reads in the metrics and let go of its block."""
