@@ -35,8 +35,8 @@ from .config import CacheConfig, StoreConfig
 from .localcopy import Layout, LocalCopies
 from .errors import StorageConfigError, StorageError, translate_store_error
 from .reader import BlockReader, ReadCursor
-from .source import (ObjectSource, ObjectVersion, common_glob_prefix, matching, open_source, split_url,
-                     versions_from_entries)
+from .source import (ObjectSource, ObjectVersion, common_glob_prefix, is_glob, matching, open_source,
+                     split_url, versions_from_entries)
 from .threadlocal import ThreadSlots
 
 __all__ = ["ShoalFileSystem", "ShoalFile"]
@@ -189,7 +189,7 @@ class ShoalFileSystem(AbstractFileSystem):
         """Objects matching a glob / prefix / path, pinned."""
         protocol, _ = self._split(pattern)
         url = self.canonical(pattern)
-        if not any(ch in url for ch in "*?["):
+        if not is_glob(url):
             # DuckDB globs every file of a read_parquet list: answer pinned
             # objects from the snapshot instead of listing the store again.
             with self._pins_lock:
@@ -249,8 +249,8 @@ class ShoalFileSystem(AbstractFileSystem):
         listing each glob).  One request instead of one per table: a query
         waits for the slowest of its listings, and the store's latency has a tail."""
         canonical = [self.canonical(p) for p in patterns]
-        prefix = common_glob_prefix(canonical)
-        if prefix is None or len({self._split(p)[0] for p in canonical}) != 1:
+        prefix = common_glob_prefix(canonical)  # None unless all share a scheme and bucket
+        if prefix is None:
             return None
         source = self.source(self._split(prefix)[0])
         list_prefix = getattr(source, "list_prefix", None)
@@ -415,7 +415,8 @@ class ShoalFileSystem(AbstractFileSystem):
     def _cached_object(self, path: str, version: ObjectVersion | None = None) -> tuple[ObjectVersion, str] | None:
         """The object's pinned version and cache key, or None if it is not cached (a local file)."""
         protocol, _ = self._split(path)
-        source, version = self.source(protocol), version or self.version(path)
+        source = self.source(protocol)
+        version = self.version(path) if version is None else version
         if not self.reader.caches(source):
             return None
         return version, self.reader.object_key(source, version)

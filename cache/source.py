@@ -151,13 +151,28 @@ class ObjectSource(Protocol):
 _VERSION_FIELDS = frozenset(f.name for f in dataclasses.fields(ObjectVersion))
 
 
+def is_glob(path: str) -> bool:
+    """Whether a path has glob wildcards."""
+    return any(ch in path for ch in "*?[")
+
+
+def _fixed_part(path: str) -> str:
+    """A glob's path up to its first wildcard."""
+    return re.split(r"[*?\[]", path, maxsplit=1)[0]
+
+
+def _glob_matcher(path: str) -> re.Pattern[str]:
+    """The regular expression of a glob over ``bucket/key`` paths (fsspec's rules)."""
+    return re.compile(glob_translate(path))
+
+
 def versions_from_entries(entries: Any, pattern: str) -> list[ObjectVersion] | None:
     """A listing kept or received as JSON (``dataclasses.asdict`` of each version),
     checked: every entry well-formed and an object the pattern matches; else None."""
     if not isinstance(entries, list):
         return None
     scheme, _, path = pattern.partition("://")
-    matcher = re.compile(glob_translate(path)) if any(ch in path for ch in "*?[") else None
+    matcher = _glob_matcher(path) if is_glob(path) else None
     out = []
     for entry in entries:
         if not isinstance(entry, dict) or not set(entry) <= _VERSION_FIELDS:
@@ -198,9 +213,9 @@ def common_glob_prefix(patterns: Sequence[str]) -> str | None:
     fixed = []
     for pattern in patterns:
         scheme, sep, path = pattern.partition("://")
-        if not sep or not any(ch in path for ch in "*?["):
+        if not sep or not is_glob(path):
             return None
-        head = re.split(r"[*?\[]", path, maxsplit=1)[0]
+        head = _fixed_part(path)
         fixed.append(f"{scheme}://{head[: head.rfind('/') + 1]}")
     common = os.path.commonprefix(fixed)
     common = common[: common.rfind("/") + 1]
@@ -210,8 +225,7 @@ def common_glob_prefix(patterns: Sequence[str]) -> str | None:
 
 def matching(versions: Sequence[ObjectVersion], pattern: str) -> list[ObjectVersion]:
     """The ``versions`` (of one store) that a glob matches, as ``glob`` would list them."""
-    scheme, _, path = pattern.partition("://")
-    matcher = re.compile(glob_translate(path))
+    matcher = _glob_matcher(pattern.partition("://")[2])
     return [v for v in versions if matcher.match(v.url.partition("://")[2])]
 
 
@@ -288,7 +302,7 @@ class S3Source:
                       key=lambda v: v.url)
 
     async def _listing(self, path: str) -> list[dict[str, Any]]:
-        if any(ch in path for ch in "*?["):
+        if is_glob(path):
             return await self._list_matching(path)
         info = await self.fs._info(path)
         if info.get("type") == "directory":
@@ -310,11 +324,11 @@ class S3Source:
     async def _list_matching(self, path: str) -> list[dict[str, Any]]:
         # One recursive listing under the pattern's fixed prefix, filtered here:
         # s3fs's own glob costs several requests (info, exists, per-level ls).
-        fixed = re.split(r"[*?\[]", path, maxsplit=1)[0]
+        fixed = _fixed_part(path)
         root = fixed.rsplit("/", 1)[0] if "/" in fixed else fixed
         if "/" not in root:  # the bucket itself: let s3fs check that it exists
             await self.fs._info(root)
-        matcher = re.compile(glob_translate(path))
+        matcher = _glob_matcher(path)
         found = await self.fs._find(root, detail=True)
         return [i for name, i in found.items() if i.get("type") != "directory" and matcher.match(name)]
 
@@ -414,7 +428,7 @@ class FsspecSource:
     def glob(self, pattern: str) -> list[ObjectVersion]:
         path = split_url(pattern)[1]
         try:
-            if any(ch in path for ch in "*?["):
+            if is_glob(path):
                 infos = [i for i in self.fs.glob(path, detail=True).values() if i.get("type") != "directory"]
             elif self.fs.isdir(path):
                 infos = list(self.fs.find(path, detail=True).values())

@@ -181,8 +181,7 @@ class Planner:
         self.con.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()
         #: Use listings remembered on the SSD and check them in the background.
         self.speculate = False
-        #: Per table of the last plan: (pattern, listing used, future of the fresh listing,
-        #: None until :meth:`start_revalidation`).
+        #: Per table of the last plan: (pattern, listing used, future of the fresh listing).
         self.revalidate: dict[str, tuple[str, list[ObjectVersion], Any]] = {}
 
     # -- step 1: which tables ---------------------------------------------------
@@ -213,6 +212,7 @@ class Planner:
             check_source(table.url, self.allowed_paths, self.fs.protocol)
         listings: dict[str, list[ObjectVersion]] = {}
         to_list = []
+        remembered_by_name: dict[str, tuple[str, list[ObjectVersion]]] = {}
         for name, table in tables.items():
             remembered = self.fs.remembered_versions(table.pattern) if self.speculate else None
             if remembered is None:
@@ -221,11 +221,11 @@ class Planner:
             # Plan and run on the listing an earlier query saw; the store is
             # listed meanwhile and the session re-runs the query if it changed.
             listings[name] = [self.fs.pin(v) for v in remembered]
-            self.revalidate[name] = (table.pattern, remembered, None)  # listed by start_revalidation()
+            remembered_by_name[name] = (table.pattern, remembered)
         # Listing is one request per table: issue them together (each costs a
         # round trip to the store, ~27 ms on S3).
         fresh = self._listing_pool.map(lambda n: self.fs.versions(tables[n].pattern), to_list)
-        self.start_revalidation()
+        self._revalidate(remembered_by_name)
         for name, versions in zip(to_list, fresh):
             listings[name] = versions
             self.fs.remember_versions(tables[name].pattern, versions)
@@ -237,23 +237,18 @@ class Planner:
                     self.fs.prefetch(version.url, [footer_range(version)])
         return listings
 
-    def start_revalidation(self) -> None:
-        """List the store for the tables planned on remembered listings.  Called when
-        the query is about to run, not while planning: parsing LIST responses in a
-        background thread takes the GIL from the planner's own work (every file
-        opened, every DuckDB call waits for it), while DuckDB's execution leaves
-        it free."""
-        pending = [(name, pattern, used) for name, (pattern, used, future) in self.revalidate.items()
-                   if future is None]
-        if len(pending) > 1:
+    def _revalidate(self, remembered: dict[str, tuple[str, list[ObjectVersion]]]) -> None:
+        """List the store for the tables planned on ``remembered`` listings (name:
+        (pattern, listing)), in the background, as soon as the plan knows them;
+        the session compares before it returns the result (``revalidate``)."""
+        if len(remembered) > 1:
             # One LIST of the folder the tables share, when it fits in a page: the
             # query waits for its slowest listing, and each request risks the tail.
-            parts = self._listings_together([pattern for _, pattern, _ in pending])
-            for (name, pattern, used), part in zip(pending, parts):
-                self.revalidate[name] = (pattern, used, part)
-            return
-        for name, pattern, used in pending:
-            self.revalidate[name] = (pattern, used, self._listing_pool.submit(self.fs.list_versions, pattern))
+            parts = self._listings_together([pattern for pattern, _ in remembered.values()])
+        else:
+            parts = [self._listing_pool.submit(self.fs.list_versions, pattern) for pattern, _ in remembered.values()]
+        for (name, (pattern, used)), part in zip(remembered.items(), parts):
+            self.revalidate[name] = (pattern, used, part)
 
     def _listings_together(self, patterns: list[str]) -> list[Future]:
         """A future listing per pattern, all answered by one request where the

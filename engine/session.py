@@ -354,7 +354,6 @@ class Session:
 
     def _listing_changed(self) -> bool:
         changed = False
-        self.planner.start_revalidation()  # a no-op unless the query failed before running
         for pattern, used, future in self.planner.revalidate.values():
             fresh = future.result()  # a failed listing (bucket gone, access denied) is the query's error
             self.fs.remember_versions(pattern, fresh)
@@ -398,7 +397,6 @@ class Session:
             if self.executor.fused:
                 table = self._execute_fused(plan, profile)
             else:
-                self.planner.start_revalidation()
                 table = self._execute_on_workers(plan, profile)
         finally:
             if reporter is not None:
@@ -412,7 +410,6 @@ class Session:
         config = self.fs.cache_config
         budget = config.size_limit // 2 if self.fs.reader.cache.available else config.memory_size // 2
         copies = prefetch_plan(self.fs, plan, max_bytes=budget, native=plan.native)
-        self.planner.start_revalidation()
         try:
             table = self._run_fused(plan, copies)
         except duckdb.Error as exc:
