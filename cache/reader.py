@@ -14,12 +14,13 @@ Sequential readers get read-ahead (see :meth:`BlockReader.prefetch`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .blockcache import BlockCache
 from .config import CacheConfig
@@ -63,6 +64,9 @@ class BlockReader:
         self._held: collections.deque[tuple[str, int, Future[bytes], int]] = collections.deque()
         self._held_bytes = 0
         self._pending_write_bytes = 0
+        # While a query holds writes (hold_writes), its SSD writes wait here.
+        self._write_holds = 0
+        self._held_writes: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         # One thread per concurrent read-ahead GET (each waits on its fetch): with
         # two, a sequential reader had at most ~2 GETs in flight, i.e. no faster
@@ -549,11 +553,8 @@ class BlockReader:
 
     def _write_later(self, size: int, write: Callable[[], object], done: Callable[[], None] | None = None) -> None:
         """Run ``write`` on the writer thread, then ``done`` (under the lock); past
-        the pending cap, in this thread (backpressure: the writer is behind)."""
-        with self._lock:
-            inline = self._pending_write_bytes + size > _MAX_PENDING_WRITE_BYTES
-            self._pending_write_bytes += size
-
+        the pending cap, in this thread (backpressure: the writer is behind).
+        While writes are held (:meth:`hold_writes`) the job waits for the release."""
         def run() -> None:
             try:
                 write()
@@ -563,20 +564,60 @@ class BlockReader:
                     if done is not None:
                         done()
 
+        with self._lock:
+            inline = self._pending_write_bytes + size > _MAX_PENDING_WRITE_BYTES
+            self._pending_write_bytes += size
+            if not inline and self._write_holds:
+                self._held_writes.append(run)
+                return
+            released = self._take_held_writes() if inline else []
+        for job in released:  # memory is short: what was held goes first
+            self._writer.submit(job)
         if inline:
             run()
         else:
             self._writer.submit(run)
 
+    def _take_held_writes(self) -> list[Callable[[], None]]:
+        held, self._held_writes = self._held_writes, []
+        return held
+
+    @contextlib.contextmanager
+    def hold_writes(self) -> Iterator[None]:
+        """Hold SSD writes of what is fetched inside the block until it ends.
+
+        A query's fetched blocks and pieces are served from memory meanwhile;
+        the writer stores them once the query has its result, so filling the
+        cache does not take CPU (on a VM, page-cache pages touched for the
+        first time) or the GIL from the query.  Past the pending-write cap
+        held writes go at once (memory stays bounded).  Holds nest."""
+        with self._lock:
+            self._write_holds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._write_holds -= 1
+                released = self._take_held_writes() if not self._write_holds else []
+            for job in released:
+                try:
+                    self._writer.submit(job)
+                except RuntimeError:  # closed meanwhile: nothing more is written
+                    break
+
     def after_writes(self, job: Callable[[], object]) -> None:
-        """Run ``job`` on the cache writer after the writes queued before it (its
-        errors are logged, never raised: it is background work)."""
+        """Run ``job`` on the cache writer after the writes queued (or held) before
+        it (its errors are logged, never raised: it is background work)."""
         def run() -> None:
             try:
                 job()
             except Exception as exc:  # noqa: BLE001
                 logger.debug("background cache job failed: %s", exc)
 
+        with self._lock:
+            if self._write_holds:
+                self._held_writes.append(run)
+                return
         try:
             self._writer.submit(run)
         except RuntimeError:  # closed
@@ -649,6 +690,10 @@ class BlockReader:
             return
         self._closed = True
         self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            held = self._take_held_writes()
+        for job in held:
+            self._writer.submit(job)
         self.flush()
         self._writer.shutdown(wait=True)
         self.cache.close()

@@ -370,7 +370,8 @@ class Session:
         started = time.perf_counter()
         try:
             before = self.fs.reader.ledger.snapshot()
-            with self.fs.snapshot():
+            # The cache is filled once the result is there (see BlockReader.hold_writes).
+            with self.fs.snapshot(), self.fs.reader.hold_writes():
                 plan = self._plan(query)
                 profile.plan = plan
                 profile.stages["plan"] = time.perf_counter() - started

@@ -194,6 +194,35 @@ def test_cold_read_fills_cache_with_coalesced_requests(
     assert (io.blocks_missed, io.store_requests, io.bytes_from_store) == (11, requests, len(data))
 
 
+def test_held_writes_wait_for_the_release_and_are_read_from_memory(
+    mem: Any, make_fs: MakeFs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = payload(6 * BS)
+    url = put_object(mem, "obj", data)
+    fs = make_fs()
+    ran: list[int] = []
+    with fs.reader.hold_writes():
+        with fs.reader.hold_writes():  # holds nest
+            assert fs.cat_file(url) == data
+        fs.reader.after_writes(lambda: ran.append(fs.reader.cache.entries()))
+        fs.reader.flush()
+        assert fs.reader.cache.entries() == 0 and ran == []  # nothing written yet
+        assert fs.cat_file(url) == data  # served from memory meanwhile
+        assert fs.stats()["store_requests"] == 1
+    fs.reader.flush()
+    # Released in order: the blocks, then the job queued after them.
+    assert fs.reader.cache.entries() == 6 and ran == [6]
+
+    # Past the pending-write cap, held writes go at once (memory stays bounded).
+    monkeypatch.setattr("shoal.cache.reader._MAX_PENDING_WRITE_BYTES", 2 * BS)
+    other = put_object(mem, "other", payload(4 * BS, seed=1))
+    fresh = make_fs(directory=fs.reader.config.directory.parent / "second")
+    with fresh.reader.hold_writes():
+        fresh.cat_file(other)
+        fresh.reader.flush()
+        assert fresh.reader.cache.entries() >= 2
+
+
 def test_warm_read_from_new_filesystem_needs_no_store(mem: Any, make_fs: MakeFs) -> None:
     data = payload(10 * BS + 100)
     url = put_object(mem, "obj", data)

@@ -156,6 +156,9 @@ def test_cache_dir_deleted_mid_run(make_fs: MakeFs, cache_dir: Path, s3_endpoint
     config = CacheConfig(directory=cache_dir / "engine", block_size=BS)
     with Session(workers=2, cache=config, store=store_config(s3_endpoint)) as s:
         assert within(60, s.sql, query).table.to_pylist() == expected
+        # The cache is filled after the result: let that finish first, or rmtree
+        # races the writer's new files ("directory not empty").
+        s.fs.reader.flush()
         shutil.rmtree(cache_dir / "engine")
         assert within(60, s.sql, query).table.to_pylist() == expected
 
