@@ -216,6 +216,12 @@ class StoreConfig:
         client_kwargs: dict[str, Any] = {}
         if self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
+            if self.endpoint_url.lower().startswith("http://"):
+                # No TLS to verify.  Left on, a process's first request builds an SSL
+                # context from the CA bundle anyway (~20 ms of CPU, holding the GIL
+                # while a warm query plans and its freshness LIST waits).  TLS
+                # endpoints (https, AWS) keep botocore's verification.
+                client_kwargs["verify"] = False
         if self.region:
             client_kwargs["region_name"] = self.region
         if self.access_key and not self.anonymous:

@@ -160,7 +160,11 @@ def test_store_config_from_env() -> None:
     assert (explicit.endpoint_url, explicit.region) == ("http://mine:3", "ap-south-1")
     options = explicit.s3fs_options()
     assert options["endpoint_url"] == "http://mine:3" and options["secret"] == "SK"
-    assert options["client_kwargs"] == {"region_name": "ap-south-1"}
+    # Plain HTTP has no TLS to verify: the client skips loading the CA bundle.
+    assert options["client_kwargs"] == {"region_name": "ap-south-1", "verify": False}
+    secure = StoreConfig(endpoint_url="https://s3.example:443", region="ap-south-1").s3fs_options()
+    assert secure["client_kwargs"] == {"region_name": "ap-south-1"}  # TLS: verified (botocore's default)
+    assert "verify" not in StoreConfig(region="eu-west-1").s3fs_options()["client_kwargs"]  # AWS: https
     assert StoreConfig.from_env({}) == StoreConfig()
 
 
