@@ -26,6 +26,7 @@ import json
 import os
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -47,6 +48,9 @@ _SUPPORTED = ("s3", "s3a", "file", "memory")
 # Contiguous reads after which a file handle counts as a sequential scan.
 _SEQUENTIAL_AFTER = 3
 _JOINT_LISTING_KEYS = 1000  # one page of an S3 LIST
+# A folder found too wide for one LIST page is tried again after this long
+# (files may have been removed): one request, then per-table LISTs if still wide.
+_TOO_WIDE_RECHECK_S = 3600.0
 
 
 def _url(protocol: str, path: str) -> str:
@@ -72,6 +76,14 @@ def _recorded(method: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return wrapper
+
+
+def _found_too_wide_lately(remembered: list[dict[str, Any]] | None) -> bool:
+    """Whether a remembered "too wide for one LIST page" is recent enough to trust."""
+    if not isinstance(remembered, list) or not remembered or not isinstance(remembered[0], dict):
+        return False
+    checked_at = remembered[0].get("checked_at")
+    return isinstance(checked_at, (int, float)) and 0 <= time.time() - checked_at < _TOO_WIDE_RECHECK_S
 
 
 class ShoalFileSystem(AbstractFileSystem):
@@ -257,11 +269,11 @@ class ShoalFileSystem(AbstractFileSystem):
         if list_prefix is None:
             return None
         too_wide = self._listing_key(prefix) + "-too-wide"
-        if self.reader.cache.get_listing(too_wide) is not None:
+        if _found_too_wide_lately(self.reader.cache.get_listing(too_wide)):
             return None
         versions = list_prefix(prefix, max_keys=_JOINT_LISTING_KEYS)
         if versions is None:
-            self.reader.cache.put_listing(too_wide, [])
+            self.reader.cache.put_listing(too_wide, [{"checked_at": time.time()}])
             return None
         return [matching(versions, pattern) for pattern in canonical]
 

@@ -33,6 +33,10 @@ __all__ = ["BlockReader", "IOLedger", "PeerSource", "ReadCursor", "UrlIO"]
 logger = logging.getLogger(__name__)
 
 _MAX_PENDING_WRITE_BYTES = 256 << 20
+# A query holds at most this much of its SSD writes (hold_writes); a query that
+# fetches more writes behind from there on, leaving the writer headroom below
+# the pending cap (past it, fetching threads would write inline).
+_MAX_HELD_WRITE_BYTES = _MAX_PENDING_WRITE_BYTES // 2
 # Read-ahead GETs are at least this big (blocks are coalesced up to it): at
 # S3's ~27 ms first byte and ~60 MiB/s per connection a 4 MiB GET spends ~70%
 # of its time moving bytes; smaller ones mostly wait.
@@ -67,6 +71,8 @@ class BlockReader:
         # While a query holds writes (hold_writes), its SSD writes wait here.
         self._write_holds = 0
         self._held_writes: list[Callable[[], None]] = []
+        self._held_write_bytes = 0
+        self._hold_overflowed = False  # this hold passed _MAX_HELD_WRITE_BYTES
         self._lock = threading.Lock()
         # One thread per concurrent read-ahead GET (each waits on its fetch): with
         # two, a sequential reader had at most ~2 GETs in flight, i.e. no faster
@@ -567,11 +573,14 @@ class BlockReader:
         with self._lock:
             inline = self._pending_write_bytes + size > _MAX_PENDING_WRITE_BYTES
             self._pending_write_bytes += size
-            if not inline and self._write_holds:
-                self._held_writes.append(run)
-                return
-            released = self._take_held_writes() if inline else []
-        for job in released:  # memory is short: what was held goes first
+            if self._write_holds and not self._hold_overflowed:
+                if not inline and self._held_write_bytes + size <= _MAX_HELD_WRITE_BYTES:
+                    self._held_writes.append(run)
+                    self._held_write_bytes += size
+                    return
+                self._hold_overflowed = True  # a big query: write behind from here on
+            released = self._take_held_writes()
+        for job in released:  # what was held goes first
             self._writer.submit(job)
         if inline:
             run()
@@ -580,6 +589,7 @@ class BlockReader:
 
     def _take_held_writes(self) -> list[Callable[[], None]]:
         held, self._held_writes = self._held_writes, []
+        self._held_write_bytes = 0
         return held
 
     @contextlib.contextmanager
@@ -589,8 +599,9 @@ class BlockReader:
         A query's fetched blocks and pieces are served from memory meanwhile;
         the writer stores them once the query has its result, so filling the
         cache does not take CPU (on a VM, page-cache pages touched for the
-        first time) or the GIL from the query.  Past the pending-write cap
-        held writes go at once (memory stays bounded).  Holds nest."""
+        first time) or the GIL from the query.  Memory stays bounded: past
+        ``_MAX_HELD_WRITE_BYTES`` the held writes go at once and the rest of
+        the query writes behind as it fetches.  Holds nest."""
         with self._lock:
             self._write_holds += 1
         try:
@@ -598,7 +609,10 @@ class BlockReader:
         finally:
             with self._lock:
                 self._write_holds -= 1
-                released = self._take_held_writes() if not self._write_holds else []
+                released = []
+                if not self._write_holds:
+                    released = self._take_held_writes()
+                    self._hold_overflowed = False
             for job in released:
                 try:
                     self._writer.submit(job)
@@ -615,7 +629,7 @@ class BlockReader:
                 logger.debug("background cache job failed: %s", exc)
 
         with self._lock:
-            if self._write_holds:
+            if self._write_holds and not self._hold_overflowed:
                 self._held_writes.append(run)
                 return
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import s3servers  # noqa: E402
 from s3servers import S3Endpoint  # noqa: E402
+
+# A test run started in the background without job control (`pytest &` in a
+# script) ignores SIGINT, and so would every `shoal` process the tests start:
+# the Ctrl-C tests need it delivered, as a terminal does.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _EXTERNAL = s3servers.external_from_env()
 _ENDPOINT_KINDS = ["external"] if _EXTERNAL is not None else ["seaweedfs", "moto"]

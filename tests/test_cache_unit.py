@@ -217,14 +217,24 @@ def test_held_writes_wait_for_the_release_and_are_read_from_memory(
     # Released in order: the blocks, then the job queued after them.
     assert fs.reader.cache.entries() == 6 and ran == [6]
 
-    # Past the pending-write cap, held writes go at once (memory stays bounded).
-    monkeypatch.setattr("shoal.cache.reader._MAX_PENDING_WRITE_BYTES", 2 * BS)
+    # Past the cap on held bytes, held writes go at once and the rest write behind.
+    monkeypatch.setattr("shoal.cache.reader._MAX_HELD_WRITE_BYTES", 2 * BS)
     other = put_object(mem, "other", payload(4 * BS, seed=1))
     fresh = make_fs(directory=fs.reader.config.directory.parent / "second")
+    ran.clear()
     with fresh.reader.hold_writes():
-        fresh.cat_file(other)
+        assert fresh.cat_file(other) == payload(4 * BS, seed=1)
+        fresh.reader.after_writes(lambda: ran.append(fresh.reader.cache.entries()))
         fresh.reader.flush()
-        assert fresh.reader.cache.entries() >= 2
+        assert fresh.reader.cache.entries() == 4 and ran == [4]  # nothing left held
+    with fresh.reader.hold_writes():  # a new hold holds again
+        fresh.reader.drop_memory()
+        again = put_object(mem, "again", payload(BS, seed=2))
+        fresh.cat_file(again)
+        fresh.reader.flush()
+        assert fresh.reader.cache.entries() == 4
+    fresh.reader.flush()
+    assert fresh.reader.cache.entries() == 5
 
 
 def test_warm_read_from_new_filesystem_needs_no_store(mem: Any, make_fs: MakeFs) -> None:

@@ -320,6 +320,14 @@ def test_tables_in_one_folder_are_checked_with_one_listing(s3_endpoint, s3_bucke
         before = _lists(s)
         assert s.sql(query).table.to_pylist() == [{"x": 30, "y": 1}]
         assert _lists(s) - before == 2
+    # An hour later the folder is tried again; it fits in a page now (files were removed).
+    monkeypatch.setattr(filesystem_module, "_TOO_WIDE_RECHECK_S", 0.0)
+    monkeypatch.setattr(filesystem_module, "_JOINT_LISTING_KEYS", 1000)
+    with _s3_session(s3_endpoint, tmp_path, executor="local") as s:
+        assert s.sql(query).table.to_pylist() == [{"x": 30, "y": 1}]
+        before = _lists(s)
+        assert s.sql(query).table.to_pylist() == [{"x": 30, "y": 1}]
+        assert _lists(s) - before == 1  # one request again
 
 
 def test_common_glob_prefix() -> None:
