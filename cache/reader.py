@@ -20,23 +20,19 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .blockcache import BlockCache
 from .config import CacheConfig
 from .readstate import (IOLedger, MemoryBlocks, PeerSource, ReadCursor, UrlIO, as_bytes, covers_block,
                         slice_of)
 from .source import ObjectSource, ObjectVersion
+from .writebehind import WriteBehind
 
 __all__ = ["BlockReader", "IOLedger", "PeerSource", "ReadCursor", "UrlIO"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_PENDING_WRITE_BYTES = 256 << 20
-# A query holds at most this much of its SSD writes (hold_writes); a query that
-# fetches more writes behind from there on, leaving the writer headroom below
-# the pending cap (past it, fetching threads would write inline).
-_MAX_HELD_WRITE_BYTES = _MAX_PENDING_WRITE_BYTES // 2
 # Read-ahead GETs are at least this big (blocks are coalesced up to it): at
 # S3's ~27 ms first byte and ~60 MiB/s per connection a 4 MiB GET spends ~70%
 # of its time moving bytes; smaller ones mostly wait.
@@ -55,7 +51,7 @@ class BlockReader:
         self.ledger = IOLedger()
         self._memory = MemoryBlocks(config.memory_size)
         self._closed = False
-        self.cache.on_promote = lambda key: self._writer.submit(self.cache.promote, key)
+        self.cache.on_promote = lambda key: self._writes.submit(lambda: self.cache.promote(key))
         self._init_threads()
         os.register_at_fork(after_in_child=self._init_threads)
 
@@ -67,19 +63,13 @@ class BlockReader:
         # Without an SSD cache: pieces kept in memory, oldest first.
         self._held: collections.deque[tuple[str, int, Future[bytes], int]] = collections.deque()
         self._held_bytes = 0
-        self._pending_write_bytes = 0
-        # While a query holds writes (hold_writes), its SSD writes wait here.
-        self._write_holds = 0
-        self._held_writes: list[Callable[[], None]] = []
-        self._held_write_bytes = 0
-        self._hold_overflowed = False  # this hold passed _MAX_HELD_WRITE_BYTES
         self._lock = threading.Lock()
         # One thread per concurrent read-ahead GET (each waits on its fetch): with
         # two, a sequential reader had at most ~2 GETs in flight, i.e. no faster
         # than a single stream at S3's 60 MiB/s per connection.
         self._prefetch_pool = ThreadPoolExecutor(
             max_workers=max(2, self.config.max_concurrency), thread_name_prefix="shoal-readahead")
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-cache-writer")
+        self._writes = WriteBehind(self._lock)
 
     # -- keys ---------------------------------------------------------------
 
@@ -314,7 +304,7 @@ class BlockReader:
     def _write_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes]) -> None:
         # No copy: the buffer under the piece (a store payload, or what the peer tier
         # received into) is never written again.  Until written it is read from memory.
-        self._write_later(len(piece), lambda: self.cache.put_piece(key, lo, piece),
+        self._writes.write(len(piece), lambda: self.cache.put_piece(key, lo, piece),
                           lambda: self._drop_piece(key, future))
 
     def prefetch_ranges(self, source: ObjectSource, version: ObjectVersion,
@@ -555,91 +545,25 @@ class BlockReader:
 
     def _write_behind(self, key: str, block: bytes) -> None:
         """Write a block to the SSD off the read path."""
-        self._write_later(len(block), lambda: self.cache.put(key, block))
+        self._writes.write(len(block), lambda: self.cache.put(key, block))
 
-    def _write_later(self, size: int, write: Callable[[], object], done: Callable[[], None] | None = None) -> None:
-        """Run ``write`` on the writer thread, then ``done`` (under the lock); past
-        the pending cap, in this thread (backpressure: the writer is behind).
-        While writes are held (:meth:`hold_writes`) the job waits for the release."""
-        def run() -> None:
-            try:
-                write()
-            finally:
-                with self._lock:
-                    self._pending_write_bytes -= size
-                    if done is not None:
-                        done()
-
-        with self._lock:
-            inline = self._pending_write_bytes + size > _MAX_PENDING_WRITE_BYTES
-            self._pending_write_bytes += size
-            if self._write_holds and not self._hold_overflowed:
-                if not inline and self._held_write_bytes + size <= _MAX_HELD_WRITE_BYTES:
-                    self._held_writes.append(run)
-                    self._held_write_bytes += size
-                    return
-                self._hold_overflowed = True  # a big query: write behind from here on
-            released = self._take_held_writes()
-        for job in released:  # what was held goes first
-            self._writer.submit(job)
-        if inline:
-            run()
-        else:
-            self._writer.submit(run)
-
-    def _take_held_writes(self) -> list[Callable[[], None]]:
-        held, self._held_writes = self._held_writes, []
-        self._held_write_bytes = 0
-        return held
-
-    @contextlib.contextmanager
-    def hold_writes(self) -> Iterator[None]:
+    def hold_writes(self) -> contextlib.AbstractContextManager[None]:
         """Hold SSD writes of what is fetched inside the block until it ends.
 
         A query's fetched blocks and pieces are served from memory meanwhile;
         the writer stores them once the query has its result, so filling the
         cache does not take CPU (on a VM, page-cache pages touched for the
-        first time) or the GIL from the query.  Memory stays bounded: past
-        ``_MAX_HELD_WRITE_BYTES`` the held writes go at once and the rest of
-        the query writes behind as it fetches.  Holds nest."""
-        with self._lock:
-            self._write_holds += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._write_holds -= 1
-                released = []
-                if not self._write_holds:
-                    released = self._take_held_writes()
-                    self._hold_overflowed = False
-            for job in released:
-                try:
-                    self._writer.submit(job)
-                except RuntimeError:  # closed meanwhile: nothing more is written
-                    break
+        first time) or the GIL from the query (see :class:`WriteBehind`)."""
+        return self._writes.hold()
 
     def after_writes(self, job: Callable[[], object]) -> None:
         """Run ``job`` on the cache writer after the writes queued (or held) before
         it (its errors are logged, never raised: it is background work)."""
-        def run() -> None:
-            try:
-                job()
-            except Exception as exc:  # noqa: BLE001
-                logger.debug("background cache job failed: %s", exc)
-
-        with self._lock:
-            if self._write_holds and not self._hold_overflowed:
-                self._held_writes.append(run)
-                return
-        try:
-            self._writer.submit(run)
-        except RuntimeError:  # closed
-            pass
+        self._writes.after(job)
 
     def flush(self) -> None:
         """Wait until blocks fetched so far are written to the SSD cache."""
-        self._writer.submit(lambda: None).result()
+        self._writes.flush()
 
     def _finish(self, key: str, future: Future, block: bytes | memoryview) -> None:
         self._memory.put(key, block)
@@ -704,10 +628,5 @@ class BlockReader:
             return
         self._closed = True
         self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            held = self._take_held_writes()
-        for job in held:
-            self._writer.submit(job)
-        self.flush()
-        self._writer.shutdown(wait=True)
+        self._writes.close()
         self.cache.close()

@@ -218,7 +218,7 @@ def test_held_writes_wait_for_the_release_and_are_read_from_memory(
     assert fs.reader.cache.entries() == 6 and ran == [6]
 
     # Past the cap on held bytes, held writes go at once and the rest write behind.
-    monkeypatch.setattr("shoal.cache.reader._MAX_HELD_WRITE_BYTES", 2 * BS)
+    monkeypatch.setattr("shoal.cache.writebehind._MAX_HELD_WRITE_BYTES", 2 * BS)
     other = put_object(mem, "other", payload(4 * BS, seed=1))
     fresh = make_fs(directory=fs.reader.config.directory.parent / "second")
     ran.clear()

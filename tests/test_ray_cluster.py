@@ -217,9 +217,11 @@ def test_actors_read_each_block_from_the_store_once(s3_endpoint, tpch_bucket: st
         # byte it needs about once, not once per actor (without peers, random placement reads
         # each object up to once per actor).  Pieces of different shapes overlap at their
         # edges (footer probes, merged prefetch ranges): at SF 0.01, where footers are a large
-        # share of the bytes, that came to ~1.3x the distinct bytes.
+        # share of the bytes, that came to ~1.35x the distinct bytes, and up to 1.5x on a
+        # loaded machine (two actors asking one owner for overlapping pieces at once); one
+        # copy per actor would be up to 3x.
         fetched, distinct = proxy.bytes_fetched_and_distinct()
-        assert distinct > 0 and fetched <= 1.5 * distinct, (fetched, distinct)
+        assert distinct > 0 and fetched <= 1.75 * distinct, (fetched, distinct)
         stats = executor.worker_stats()
         addresses = executor.peer_addresses()
         # The membership of the peer tier is the set of live actors, on every actor.
