@@ -459,6 +459,8 @@ class BlockReader:
             return
         if not self.cache.available or self.cache.metrics.degraded:  # the memory tier is the only copy
             return
+        if self._writes.holding:  # not on the SSD until the query ends: a rescan would refetch them
+            return
         object_key = self.object_key(source, version)
         for index in range(first_block, end_block):
             self._memory.discard(f"{object_key}:{index}")

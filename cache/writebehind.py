@@ -116,6 +116,11 @@ class WriteBehind:
                 except RuntimeError:  # closed meanwhile: nothing more is written
                     break
 
+    @property
+    def holding(self) -> bool:
+        """Whether a write made now would wait for the end of a hold."""
+        return bool(self._holds) and not self._overflowed
+
     def _take_held(self) -> list[Callable[[], None]]:
         held, self._held = self._held, []
         self._held_bytes = 0

@@ -237,6 +237,23 @@ def test_held_writes_wait_for_the_release_and_are_read_from_memory(
     assert fresh.reader.cache.entries() == 5
 
 
+def test_a_rescan_inside_a_hold_reads_from_memory(mem: Any, make_fs: MakeFs) -> None:
+    """A sequential reader lets go of the blocks it passed (the SSD has them), except
+    while writes are held: they are not on the SSD yet, and a second scan of the
+    file in the same query would fetch them again."""
+    data = payload(6 * BS)
+    url = put_object(mem, "obj", data)
+    fs = make_fs(readahead_blocks=2)
+    with fs.reader.hold_writes():
+        for _ in range(2):
+            with fs.open(url, "rb") as f:
+                assert b"".join(iter(lambda: f.read(BS), b"")) == data
+        assert fs.stats()["bytes_from_store"] == len(data)
+    fs.close()  # waits for read-ahead, then for the writes
+    warm = make_fs()
+    assert warm.cat_file(url) == data and warm.stats()["bytes_from_store"] == 0
+
+
 def test_warm_read_from_new_filesystem_needs_no_store(mem: Any, make_fs: MakeFs) -> None:
     data = payload(10 * BS + 100)
     url = put_object(mem, "obj", data)
