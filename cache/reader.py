@@ -405,8 +405,13 @@ class BlockReader:
         for index in range(start // bs, (end - 1) // bs + 1 if end > start else start // bs):
             key = f"{object_key}:{index}"
             lo, hi = max(start - index * bs, 0), min(end - index * bs, bs)
-            piece = None if self.cache.known_partial(key) else self.cache.read_range(key, lo, hi, promote=False)
+            # A block seen stored as pieces is looked up there first; the whole
+            # block, when stored too, still serves what the pieces lack.
+            partial = self.cache.known_partial(key)
+            piece = self.cache.read_piece(key, lo, hi) if partial else None
             if piece is None:
+                piece = self.cache.read_range(key, lo, hi, promote=False)
+            if piece is None and not partial:
                 piece = self.cache.read_piece(key, lo, hi)
             if piece is None or len(piece) != hi - lo:
                 return None

@@ -370,10 +370,9 @@ class Session:
         started = time.perf_counter()
         try:
             before = self.fs.reader.ledger.snapshot()
-            # Not inside BlockReader.hold_writes(): holding a query's SSD writes until its
-            # result made the next session miss its local copies now and then (cause not
-            # found yet; tests/test_engine.py::test_explain_analyze_reports_store_and_cache_bytes).
-            with self.fs.snapshot():
+            # The query's SSD writes wait for its result (BlockReader.hold_writes): filling
+            # the cache then takes no CPU or GIL from the query itself.
+            with self.fs.snapshot(), self.fs.reader.hold_writes():
                 plan = self._plan(query)
                 profile.plan = plan
                 profile.stages["plan"] = time.perf_counter() - started

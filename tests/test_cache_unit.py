@@ -713,6 +713,29 @@ def test_scattered_reads_fetch_exact_pieces_and_warm_reads_need_no_store(tmp_pat
     warm.close()
 
 
+def test_cached_range_uses_the_whole_block_where_its_pieces_fall_short(tmp_path) -> None:
+    """A block stored as a piece and later whole (a scan's pieces, then a
+    sequential reader's block): a cached-range lookup (what local copies are made
+    from) falls back to the whole block where the pieces do not cover the range."""
+    mem = fsspec.filesystem("memory")
+    data = os.urandom(600_000)
+    with mem.open("/both/obj", "wb") as f:
+        f.write(data)
+    url = "memory:///both/obj"
+    config = CacheConfig(directory=tmp_path / "c", block_size=256 * 1024, readahead_blocks=0)
+    cold = ShoalFileSystem(cache=config, protocols=("memory",))
+    assert cold.cat_file(url, 1000, 5000) == data[1000:5000]  # a piece of block 0
+    with cold.open(url, "rb") as handle:  # then block 0 whole
+        assert handle.read(256 * 1024) == data[: 256 * 1024]
+    cold.close()
+    warm = ShoalFileSystem(cache=config, protocols=("memory",))
+    assert warm.cat_file(url, 2000, 3000) == data[2000:3000]  # learns block 0 has pieces
+    assert warm.reader.cache.known_partial(f"{warm._cached_object(url)[1]}:0")
+    assert warm.cached_range(url, 0, 200_000) == data[:200_000]
+    assert warm.stats()["store_requests"] == 0
+    warm.close()
+
+
 def test_prefetched_ranges_serve_later_reads(tmp_path) -> None:
     mem = fsspec.filesystem("memory")
     data = os.urandom(600_000)
