@@ -35,6 +35,7 @@ from shoal.cache import (
     StoreConfig,
     parse_size,
 )
+from shoal.cache.blockfile import CHUNK, Corrupt, OpenBlock, Sealed
 from shoal.cache.index import ObjectIndex
 from shoal.cache.threadlocal import ThreadSlots
 
@@ -416,6 +417,44 @@ def test_corrupt_block_is_refetched(mem: Any, make_fs: MakeFs, cache_dir: Path, 
     third = make_fs()
     assert third.cat_file(url) == data
     assert third.stats()["store_requests"] == 0 and third.stats()["corrupt_blocks"] == 0
+
+
+@pytest.mark.parametrize("chunk_index", [0, 9, 31])
+def test_large_reads_verify_every_chunk(mem: Any, make_fs: MakeFs, cache_dir: Path, chunk_index: int) -> None:
+    """A read of a whole 2 MiB block verifies each of its 64 KiB chunks: a flipped
+    byte in the first, a middle or the last chunk is caught, the block refetched,
+    and the bytes returned are the object's."""
+    bs = 2 << 20
+    data = payload(2 * bs, seed=12)
+    url = put_object(mem, "big", data)
+    first = make_fs(block_size=bs)
+    assert first.cat_file(url) == data
+    first.close()
+    victim = _value_files(cache_dir)[0]
+    raw = bytearray(victim.read_bytes())
+    raw[chunk_index * CHUNK + 777] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    second = make_fs(block_size=bs)
+    assert second.cat_file(url) == data
+    assert (second.stats()["corrupt_blocks"], second.stats()["store_requests"]) == (1, 1)
+
+
+def test_a_block_file_cut_short_after_it_was_opened_is_corrupt(tmp_path: Path) -> None:
+    """The footer is checked when a block file is opened; a file truncated later
+    (another process, a failing disk) makes the next large read raise, not return
+    the bytes it could still read."""
+    data = payload(3 << 20, seed=13)
+    path = tmp_path / "block"
+    with open(path, "wb") as f:
+        sealed = Sealed(data)
+        while part := sealed.read(1 << 20):
+            f.write(part)
+    block = OpenBlock(os.open(path, os.O_RDONLY))
+    assert bytes(block.read(0, None)) == data
+    assert bytes(block.read(5, 1 << 20)) == data[5 : 1 << 20]
+    os.truncate(path, 2 << 20)
+    with pytest.raises(Corrupt, match="truncated"):
+        block.read(0, None)
 
 
 def _cache_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
