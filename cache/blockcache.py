@@ -293,6 +293,8 @@ class BlockCache:
             return False
         if self._indexed_entry(key):
             return True
+        if self._known_absent(key):
+            return False
         try:
             return key in self._cache
         except (OSError, sqlite3.Error, diskcache.Timeout):
@@ -425,6 +427,8 @@ class BlockCache:
                 return True
         if self._indexed_entry(f"{block_key}#p"):
             return True
+        if self._known_absent(f"{block_key}#p"):
+            return False
         try:
             return f"{block_key}#p" in self._cache
         except (OSError, sqlite3.Error, diskcache.Timeout):
@@ -440,6 +444,8 @@ class BlockCache:
         with self._open_lock:
             pieces = self._piece_lists.get(block_key)
         if pieces is None:
+            if self._known_absent(f"{block_key}#p"):
+                return False
             pieces = self._load_pieces(block_key)
             if pieces is None:
                 return False
@@ -517,6 +523,17 @@ class BlockCache:
                 if position >= hi:
                     return memoryview(b"".join(parts))
         return None
+
+    def _known_absent(self, key: str) -> bool:
+        """Whether the object's index entries, loaded lately in this process and
+        not changed by it since, lack ``key`` (see :mod:`shoal.cache.index`): the
+        questions read-ahead and prefetch ask about blocks not stored yet then
+        need no SQLite lookup each."""
+        if self._index is None:
+            return False
+        with FORK_GATE:
+            entries = self._index.entries(key.split(":", 1)[0])
+        return entries is not None and entries.lacks(key)
 
     def _forget(self, key: str) -> None:
         with self._open_lock:

@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Sequence
 
 from .blockcache import BlockCache
 from .config import CacheConfig
-from .readstate import (IOLedger, MemoryBlocks, PeerSource, ReadCursor, UrlIO, as_bytes, covers_block,
-                        slice_of)
+from .pieces import PieceFetching
+from .readstate import IOLedger, MemoryBlocks, PeerSource, ReadCursor, UrlIO, as_bytes, covers_block
 from .source import ObjectSource, ObjectVersion
 from .writebehind import WriteBehind
 
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 _READAHEAD_REQUEST = 4 << 20
 
 
-class BlockReader:
+class BlockReader(PieceFetching):
     """Serves ``read(version, start, end)`` from memory, SSD cache, peers (optional), or the store."""
 
     def __init__(self, config: CacheConfig, cache: BlockCache | None = None,
@@ -167,187 +167,6 @@ class BlockReader:
         if first == last:
             return as_bytes(parts[first])
         return b"".join(parts[index] for index in range(first, last + 1))
-
-    # -- pieces ---------------------------------------------------------------
-
-    def _pending_piece(self, key: str, lo: int, hi: int) -> Future[bytes] | None:
-        """A piece being fetched (or awaiting its SSD write) that covers ``[lo, hi)``."""
-        with self._lock:
-            for start, end, future in self._pieces.get(key, ()):
-                if start <= lo and hi <= end:
-                    return slice_of(future, lo - start, hi - start)
-        return None
-
-    def _fetch_pieces(self, source: ObjectSource, version: ObjectVersion, object_key: str,
-                      wanted: Sequence[tuple[int, int, int]]) -> dict[int, memoryview]:
-        """Fetch ``(block index, lo, hi)`` pieces: one GET per contiguous run (up to
-        ``max_request_size``), concurrently; store each piece behind the read."""
-        return self._run_pieces(source, version, object_key, wanted, self._register_pieces(object_key, wanted))
-
-    def _register_pieces(self, object_key: str, wanted: Sequence[tuple[int, int, int]]) -> dict[int, Future[bytes]]:
-        """Announce pieces as in flight, so that readers wait for them instead of fetching."""
-        futures: dict[int, Future[bytes]] = {}
-        with self._lock:
-            for index, lo, hi in wanted:
-                future: Future[bytes] = Future()
-                self._pieces.setdefault(f"{object_key}:{index}", []).append((lo, hi, future))
-                futures[index] = future
-        return futures
-
-    def _run_pieces(self, source: ObjectSource, version: ObjectVersion, object_key: str,
-                    wanted: Sequence[tuple[int, int, int]], futures: dict[int, Future[bytes]]) -> dict[int, memoryview]:
-        """The owner peers first (when there are any), then the store for the rest."""
-        out: dict[int, memoryview] = {}
-        if self.peers is not None:
-            for index, lo, piece in self._pieces_from_peers(source, version, object_key, wanted):
-                out[index] = piece
-                futures[index].set_result(piece)  # type: ignore[arg-type]
-                self._store_piece(f"{object_key}:{index}", lo, piece, futures[index],
-                                  to_ssd=self.config.keep_peer_copies)
-            wanted = [w for w in wanted if w[0] not in out]
-        if wanted:
-            out.update(self._pieces_from_store(source, version, object_key, wanted,
-                                               {w[0]: futures[w[0]] for w in wanted}))
-        return out
-
-    def _pieces_from_peers(self, source: ObjectSource, version: ObjectVersion, object_key: str,
-                           wanted: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, memoryview]]:
-        """``(index, lo, bytes)`` of the pieces the peer tier delivered; a peer problem is a miss."""
-        bs = self.config.block_size
-        try:
-            got = self.peers.fetch_pieces(  # type: ignore[union-attr]
-                source, version, bs, [(index, f"{object_key}:{index}", lo, hi) for index, lo, hi in wanted])
-        except Exception as exc:  # noqa: BLE001 - never fail a read because of a peer
-            logger.warning("peer tier failed (%s); reading from the store", exc)
-            return []
-        found = []
-        for index, lo, hi in wanted:
-            piece = got.get(index)
-            if piece is not None and len(piece) == hi - lo:
-                found.append((index, lo, memoryview(piece)))
-        if found:
-            self.ledger.add(version.url, bytes_from_peers=sum(len(p) for _, _, p in found),
-                            blocks_from_peers=len(found))
-        return found
-
-    def _pieces_from_store(self, source: ObjectSource, version: ObjectVersion, object_key: str,
-                           wanted: Sequence[tuple[int, int, int]],
-                           futures: dict[int, Future[bytes]]) -> dict[int, memoryview]:
-        bs = self.config.block_size
-        runs: list[list[tuple[int, int, int]]] = []
-        for piece in sorted(wanted):
-            index, lo, hi = piece
-            if runs:
-                last_index, _, last_hi = runs[-1][-1]
-                run_bytes = (last_index * bs + last_hi) - (runs[-1][0][0] * bs + runs[-1][0][1])
-                if index == last_index + 1 and last_hi == bs and lo == 0 and run_bytes < self.config.max_request_size:
-                    runs[-1].append(piece)
-                    continue
-            runs.append([piece])
-        ranges = [(run[0][0] * bs + run[0][1], run[-1][0] * bs + run[-1][2]) for run in runs]
-        try:
-            payloads = source.fetch(version, ranges)
-        except BaseException as exc:
-            with self._lock:
-                for index, lo, hi in wanted:
-                    self._drop_piece(f"{object_key}:{index}", futures[index])
-            for future in futures.values():
-                future.set_exception(exc)
-            raise
-        # Counted before any waiting reader is woken: what it read is in the metrics when it returns.
-        total = sum(len(p) for p in payloads)
-        self.metrics.add(misses=len(wanted), bytes_from_store=total, store_requests=len(ranges))
-        self.ledger.add(version.url, bytes_from_store=total, store_requests=len(ranges), blocks_missed=len(wanted))
-        out: dict[int, memoryview] = {}
-        for run, (begin, _), payload in zip(runs, ranges, payloads):
-            view = memoryview(payload)
-            for index, lo, hi in run:
-                piece = view[index * bs + lo - begin : index * bs + hi - begin]
-                out[index] = piece
-                futures[index].set_result(piece)  # type: ignore[arg-type]
-                self._store_piece(f"{object_key}:{index}", lo, piece, futures[index])
-        return out
-
-    def _drop_piece(self, key: str, future: Future[bytes]) -> None:
-        entries = [e for e in self._pieces.get(key, ()) if e[2] is not future]
-        if entries:
-            self._pieces[key] = entries
-        else:
-            self._pieces.pop(key, None)
-
-    def _store_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes], *,
-                     to_ssd: bool = True) -> None:
-        """Write a piece to the SSD off the read path; it stays readable from memory until then.
-
-        Pieces not meant for the SSD (``to_ssd=False``: what a peer served, see
-        ``CacheConfig.keep_peer_copies``), and all pieces when there is no SSD
-        cache, stay in memory, at most ``memory_size`` of them; past that the
-        oldest go to the SSD (if there is one) or are dropped, so that
-        prefetched bytes still reach the reader."""
-        if to_ssd and self.cache.available:
-            self._write_piece(key, lo, piece, future)
-            return
-        spill: list[tuple[str, int, Future[bytes]]] = []
-        with self._lock:
-            self._held.append((key, lo, future, len(piece)))
-            self._held_bytes += len(piece)
-            while self._held_bytes > self.config.memory_size and self._held:
-                old_key, old_lo, old_future, size = self._held.popleft()
-                self._held_bytes -= size
-                if self.cache.available:
-                    spill.append((old_key, old_lo, old_future))  # memory is short: keep it on the SSD
-                else:
-                    self._drop_piece(old_key, old_future)
-        for old_key, old_lo, old_future in spill:
-            self._write_piece(old_key, old_lo, old_future.result(), old_future)
-
-    def _write_piece(self, key: str, lo: int, piece: memoryview, future: Future[bytes]) -> None:
-        # No copy: the buffer under the piece (a store payload, or what the peer tier
-        # received into) is never written again.  Until written it is read from memory.
-        self._writes.write(len(piece), lambda: self.cache.put_piece(key, lo, piece),
-                          lambda: self._drop_piece(key, future))
-
-    def prefetch_ranges(self, source: ObjectSource, version: ObjectVersion,
-                        ranges: Sequence[tuple[int, int]], *, gap: int = 64 << 10) -> int:
-        """Fetch exactly these byte ranges (neighbours closer than ``gap`` merged) in
-        the background, as pieces; returns the bytes requested.  Ranges already
-        cached or being fetched are skipped."""
-        if not self.caches(source):
-            return 0
-        merged: list[list[int]] = []
-        for start, end in sorted((max(0, s), min(e, version.size)) for s, e in ranges if e > s):
-            if merged and start - merged[-1][1] <= gap:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        bs = self.config.block_size
-        object_key = self.object_key(source, version)
-        requested = 0
-        for start, end in merged:
-            wanted = []
-            for index in range(start // bs, (end - 1) // bs + 1):
-                lo, hi = max(start - index * bs, 0), min(end - index * bs, bs, version.size - index * bs)
-                key = f"{object_key}:{index}"
-                with self._lock:
-                    busy = key in self._inflight
-                if busy or self._memory.get(key) is not None or self._pending_piece(key, lo, hi) is not None:
-                    continue
-                # Pieces first: their list is usually in memory, the block lookup is a query.
-                if self.cache.has_piece(key, lo, hi) or self.cache.contains(key):
-                    continue
-                wanted.append((index, lo, hi))
-                requested += hi - lo
-            if wanted:  # as pieces, from their owners (when there are peers) or the store
-                futures = self._register_pieces(object_key, wanted)
-                self._prefetch_pool.submit(self._prefetch_pieces_quietly, source, version, object_key, wanted, futures)
-        return requested
-
-    def _prefetch_pieces_quietly(self, source: ObjectSource, version: ObjectVersion, object_key: str,
-                                 wanted: Sequence[tuple[int, int, int]], futures: dict[int, Future[bytes]]) -> None:
-        try:
-            self._run_pieces(source, version, object_key, wanted, futures)
-        except Exception as exc:  # noqa: BLE001 - the reader fetches again if it needs to
-            logger.debug("prefetch of %s failed: %s", version.url, exc)
 
     def prefetch(self, source: ObjectSource, version: ObjectVersion, first_block: int, count: int) -> None:
         """Start fetching ``count`` blocks from ``first_block`` in the background.

@@ -412,6 +412,7 @@ class Session:
         config = self.fs.cache_config
         budget = config.size_limit // 2 if self.fs.reader.cache.available else config.memory_size // 2
         copies = prefetch_plan(self.fs, plan, max_bytes=budget, native=plan.native)
+        profile.stages["prefetch"] = time.perf_counter() - started
         try:
             table = self._run_fused(plan, copies)
         except duckdb.Error as exc:

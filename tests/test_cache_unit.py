@@ -37,6 +37,7 @@ from shoal.cache import (
 )
 from shoal.cache.blockfile import CHUNK, Corrupt, OpenBlock, Sealed
 from shoal.cache.index import ObjectIndex
+from shoal.cache.reader import BlockReader
 from shoal.cache.threadlocal import ThreadSlots
 
 BS = 64 * 1024  # > diskcache's 32 KiB inline limit, so blocks live in .val files
@@ -924,6 +925,81 @@ def test_warm_blocks_are_found_with_one_index_query_per_object(mem: Any, make_fs
     assert stats["store_requests"] == 0 and stats["hits"] == 16
     assert len(loads) == 1  # one query for the object's 8 blocks...
     assert not [k for k in gets if ":" in k]  # ...and no per-block lookups
+
+
+def test_cold_prefetch_asks_the_index_once_per_object(mem: Any, make_fs: MakeFs,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query prefetching scattered ranges of an object with nothing cached asks
+    the object's index entries once, not SQLite once per block and piece list;
+    once this process has stored pieces of it, the entries no longer count as
+    complete, so a second prefetch finds what was stored (nothing is fetched twice)."""
+    data = payload(8 * BS, seed=43)
+    url = put_object(mem, "obj", data)
+    fs = make_fs()
+    loads: list[str] = []
+    real_load = ObjectIndex._load
+    monkeypatch.setattr(ObjectIndex, "_load", lambda self, key: loads.append(key) or real_load(self, key))
+    lookups: list[str] = []
+    real_get, real_contains = diskcache.Cache.get, diskcache.Cache.__contains__
+    monkeypatch.setattr(diskcache.Cache, "get",
+                        lambda self, key, *a, **k: lookups.append(key) or real_get(self, key, *a, **k))
+    monkeypatch.setattr(diskcache.Cache, "__contains__",
+                        lambda self, key: lookups.append(key) or real_contains(self, key))
+    ranges = [(i * BS + 100, i * BS + 5000) for i in range(0, 8, 2)]  # far apart: one GET each
+    with fs.reader.hold_writes():  # as in a query: its pieces are written after it
+        assert fs.prefetch(url, ranges) == sum(hi - lo for lo, hi in ranges)
+        assert len(loads) == 1 and not [k for k in lookups if ":" in k]
+        for lo, hi in ranges:  # served by the prefetch, from memory
+            assert fs.cat_file(url, lo, hi) == data[lo:hi]
+    fs.reader.flush()
+    assert fs.prefetch(url, ranges) == 0  # all stored now, and found
+    assert fs.stats()["store_requests"] == len(ranges)
+
+
+class _HalfPeers:
+    """A peer tier (logic test) that delivers the pieces of even-numbered blocks,
+    read from the object itself, and records each batch it was asked for."""
+
+    def __init__(self, data: bytes, block_size: int) -> None:
+        self.data, self.block_size, self.batches = data, block_size, []
+
+    def fetch_pieces(self, source: Any, version: Any, block_size: int, wanted: Any) -> dict[int, bytes]:
+        self.batches.append([(index, lo, hi) for index, _, lo, hi in wanted])
+        return {index: self.data[index * block_size + lo : index * block_size + hi]
+                for index, _, lo, hi in wanted if index % 2 == 0}
+
+    def fetch_blocks(self, source: Any, version: Any, block_size: int, wanted: Any) -> dict[int, bytes]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_prefetch_asks_owner_peers_in_batches_and_the_store_for_the_rest(mem: Any, cache_dir: Path) -> None:
+    """With a peer tier, one prefetch asks the owners in as few batches as there
+    are pieces of one block (a batch never holds two pieces of a block); what the
+    owners do not deliver comes from the store, one GET per range as without peers."""
+    bs = 1 << 20  # pieces further apart than the 64 KiB that prefetch merges across
+    data = payload(6 * bs, seed=44)
+    url = put_object(mem, "obj", data)
+    peers = _HalfPeers(data, bs)
+    config = CacheConfig(directory=cache_dir, block_size=bs, readahead_blocks=0)
+    fs = ShoalFileSystem(cache=config, protocols=("memory",), reader=BlockReader(config, peers=peers))
+    try:
+        # Two far-apart pieces in block 0, one in each of blocks 1-5.
+        ranges = [(100, 900), (bs - 900, bs - 100)] + [(i * bs + 300_000, i * bs + 301_000) for i in range(1, 6)]
+        assert fs.prefetch(url, ranges) == sum(hi - lo for lo, hi in ranges)
+        for lo, hi in ranges:
+            assert fs.cat_file(url, lo, hi) == data[lo:hi]
+        assert len(peers.batches) == 2  # block 0's second piece waits for a second batch
+        assert all(len({index for index, _, _ in batch}) == len(batch) for batch in peers.batches)
+        assert sorted(piece for batch in peers.batches for piece in batch) == sorted(
+            (lo // bs, lo % bs, hi - (lo // bs) * bs) for lo, hi in ranges)
+        # Blocks 1, 3 and 5 from the store: one GET per range.
+        metrics = fs.reader.metrics.snapshot()
+        assert (metrics["store_requests"], metrics["bytes_from_store"]) == (3, 3 * 1000)
+    finally:
+        fs.close()
 
 
 def test_block_evicted_after_its_object_was_indexed_is_a_miss(mem: Any, make_fs: MakeFs, cache_dir: Path) -> None:
