@@ -275,9 +275,13 @@ class PieceFetching:
             logger.debug("prefetch of %s from peers failed: %s", version.url, exc)
         for wanted, futures in batch:
             rest = [w for w in wanted if id(futures[w[0]]) not in served]
-            if rest:
-                self._prefetch_pool.submit(self._prefetch_from_store_quietly, source, version, object_key, rest,
-                                           {w[0]: futures[w[0]] for w in rest})
+            if not rest:
+                continue
+            job = (source, version, object_key, rest, {w[0]: futures[w[0]] for w in rest})
+            try:
+                self._prefetch_pool.submit(self._prefetch_from_store_quietly, *job)
+            except RuntimeError:  # the reader is closing: settle the futures here
+                self._prefetch_from_store_quietly(*job)
 
     def _prefetch_from_store_quietly(self, source: ObjectSource, version: ObjectVersion, object_key: str,
                                      wanted: Sequence[tuple[int, int, int]], futures: dict[int, Future[bytes]]) -> None:
