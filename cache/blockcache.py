@@ -529,10 +529,11 @@ class BlockCache:
         not changed by it since, lack ``key`` (see :mod:`shoal.cache.index`): the
         questions read-ahead and prefetch ask about blocks not stored yet then
         need no SQLite lookup each."""
-        if self._index is None:
+        object_key, sep, _ = key.partition(":")
+        if self._index is None or not sep:  # not a block, piece or piece list of an object
             return False
         with FORK_GATE:
-            entries = self._index.entries(key.split(":", 1)[0])
+            entries = self._index.entries(object_key)
         return entries is not None and entries.lacks(key)
 
     def _forget(self, key: str) -> None:
