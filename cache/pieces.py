@@ -237,9 +237,11 @@ class PieceFetching:
         return requested
 
     def _prefetch_pieces_quietly(self, source: ObjectSource, version: ObjectVersion, object_key: str,
-                                 wanted: Sequence[tuple[int, int, int]], futures: dict[int, Future[bytes]]) -> None:
+                                 wanted: Sequence[tuple[int, int, int]], futures: dict[int, Future[bytes]], *,
+                                 store_only: bool = False) -> None:
+        fetch = self._pieces_from_store if store_only else self._run_pieces
         try:
-            self._run_pieces(source, version, object_key, wanted, futures)
+            fetch(source, version, object_key, wanted, futures)
         except Exception as exc:  # noqa: BLE001 - the reader fetches again if it needs to
             logger.debug("prefetch of %s failed: %s", version.url, exc)
 
@@ -252,7 +254,7 @@ class PieceFetching:
         A piece per job, each waiting on its own answer on one of the pool's
         threads, made a peer-warm TPC-H q03 wait ~10 ms per 64-680 KiB piece: the
         threads, DuckDB and the receiving thread queued for the GIL and two CPUs."""
-        rounds: list[dict[int, tuple[int, Future[bytes]]]] = []
+        rounds: list[dict[int, tuple[tuple[int, int, int], Future[bytes]]]] = []
         for wanted, futures in batch:
             for index, lo, hi in wanted:
                 for pieces in rounds:  # a block may have several pieces: one per round
@@ -279,13 +281,6 @@ class PieceFetching:
                 continue
             job = (source, version, object_key, rest, {w[0]: futures[w[0]] for w in rest})
             try:
-                self._prefetch_pool.submit(self._prefetch_from_store_quietly, *job)
+                self._prefetch_pool.submit(self._prefetch_pieces_quietly, *job, store_only=True)
             except RuntimeError:  # the reader is closing: settle the futures here
-                self._prefetch_from_store_quietly(*job)
-
-    def _prefetch_from_store_quietly(self, source: ObjectSource, version: ObjectVersion, object_key: str,
-                                     wanted: Sequence[tuple[int, int, int]], futures: dict[int, Future[bytes]]) -> None:
-        try:
-            self._pieces_from_store(source, version, object_key, wanted, futures)
-        except Exception as exc:  # noqa: BLE001 - the reader fetches again if it needs to
-            logger.debug("prefetch of %s failed: %s", version.url, exc)
+                self._prefetch_pieces_quietly(*job, store_only=True)
