@@ -46,7 +46,7 @@ _OBJECTS = 4096  # objects whose entries are remembered (LRU)
 # one by one, ~0.3 ms apiece while the fetches it had started ran (q03 of TPC-H:
 # 70 ms of a 120 ms prefetch).  Another process's block stored meanwhile is then
 # fetched again at worst, never read wrong: reads still look it up.
-ABSENT_TRUST_S = 10.0
+_ABSENT_TRUST_S = 10.0
 
 
 class ObjectEntries:
@@ -66,7 +66,7 @@ class ObjectEntries:
     def lacks(self, key: str) -> bool:
         """Whether ``key`` can be taken as not stored: these entries are recent,
         no store of this process since has made them incomplete, and lack it."""
-        return (self.complete and time.monotonic() - self.loaded_at < ABSENT_TRUST_S
+        return (self.complete and time.monotonic() - self.loaded_at < _ABSENT_TRUST_S
                 and key not in self.files and key not in self.inline)
 
 
@@ -125,13 +125,6 @@ class ObjectIndex:
             entries.files.pop(key, None)
             entries.inline.pop(key, None)
             entries.complete = False
-
-    def lacks(self, key: str) -> bool:
-        """Whether the object's entries, loaded in this process, say ``key`` is not
-        stored (see :meth:`ObjectEntries.lacks`); False when they cannot say."""
-        with self._lock:
-            entries = self._objects.get(key.split(":", 1)[0])
-        return entries is not None and entries.lacks(key)
 
     def _connect(self) -> sqlite3.Connection:
         if self._con is None:

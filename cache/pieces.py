@@ -86,15 +86,25 @@ class PieceFetching:
         """The owner peers first (when there are any), then the store for the rest."""
         out: dict[int, memoryview] = {}
         if self.peers is not None:
-            for index, lo, piece in self._pieces_from_peers(source, version, object_key, wanted):
-                out[index] = piece
-                futures[index].set_result(piece)  # type: ignore[arg-type]
-                self._store_piece(f"{object_key}:{index}", lo, piece, futures[index],
-                                  to_ssd=self.config.keep_peer_copies)
+            out = self._pieces_from_owners(source, version, object_key, wanted, futures)
             wanted = [w for w in wanted if w[0] not in out]
         if wanted:
             out.update(self._pieces_from_store(source, version, object_key, wanted,
                                                {w[0]: futures[w[0]] for w in wanted}))
+        return out
+
+    def _pieces_from_owners(self, source: ObjectSource, version: ObjectVersion, object_key: str,
+                            wanted: Sequence[tuple[int, int, int]],
+                            futures: dict[int, Future[bytes]]) -> dict[int, memoryview]:
+        """Of ``wanted`` (one piece per block), those the owner peers delivered: each
+        settles its future and is kept (in memory; on the SSD too with
+        ``keep_peer_copies``)."""
+        out: dict[int, memoryview] = {}
+        for index, lo, piece in self._pieces_from_peers(source, version, object_key, wanted):
+            out[index] = piece
+            futures[index].set_result(piece)  # type: ignore[arg-type]
+            self._store_piece(f"{object_key}:{index}", lo, piece, futures[index],
+                              to_ssd=self.config.keep_peer_copies)
         return out
 
     def _pieces_from_peers(self, source: ObjectSource, version: ObjectVersion, object_key: str,
@@ -266,13 +276,9 @@ class PieceFetching:
         served: set[int] = set()
         try:
             for pieces in rounds:
-                got = self._pieces_from_peers(source, version, object_key, [w for w, _ in pieces.values()])
-                for index, lo, piece in got:
-                    future = pieces[index][1]
-                    future.set_result(piece)  # type: ignore[arg-type]
-                    served.add(id(future))
-                    self._store_piece(f"{object_key}:{index}", lo, piece, future,
-                                      to_ssd=self.config.keep_peer_copies)
+                got = self._pieces_from_owners(source, version, object_key, [w for w, _ in pieces.values()],
+                                               {index: future for index, (_, future) in pieces.items()})
+                served.update(id(pieces[index][1]) for index in got)
         except Exception as exc:  # noqa: BLE001 - what is not served comes from the store
             logger.debug("prefetch of %s from peers failed: %s", version.url, exc)
         for wanted, futures in batch:
