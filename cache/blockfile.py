@@ -15,6 +15,8 @@ from typing import BinaryIO, Callable
 
 import xxhash
 
+from .twocore import FILL_STEP, SPLIT_MIN, ReadPlan, fresh_bytes, helper
+
 __all__ = ["CHUNK", "Corrupt", "OpenBlock", "Sealed", "read_range", "trailer"]
 
 # Stored block layout: data || one xxh3_64 per CHUNK of data || footer.
@@ -153,6 +155,8 @@ class OpenBlock:
         first, last = lo // chunk, (hi - 1) // chunk
         base = first * chunk
         want = min((last + 1) * chunk, length) - base
+        if want >= SPLIT_MIN and lo == base and hi == base + want and fresh_bytes is not None:
+            return memoryview(self._read_split(base, want))
         # The data first: small allocations made between a reader's big ones
         # split the memory its last read freed, and glibc then takes fresh pages.
         raw = memoryview(os.pread(self.fd, want, base))
@@ -160,3 +164,53 @@ class OpenBlock:
             raise Corrupt("truncated")
         _check_chunks(raw, chunk, self.sums, first, last)
         return raw[lo - base : hi - base]
+
+    # -- reads that use a second core (see twocore.py) ---------------------------
+
+    def plan_reads(self, lo: int, size: int) -> ReadPlan | None:
+        """Hand the later ``size``-byte reads that follow ``lo`` in this block
+        (a little under half of them: the reader's own reads of planned ranges
+        still cost it some Python) to the helper thread; None if it is busy or
+        the reads do not fall on chunk bounds."""
+        chunk, length = self.chunk, self.length
+        if fresh_bytes is None or size <= 0 or size % chunk or lo % chunk:
+            return None
+        starts = list(range(lo, length, size))
+        later = starts[(len(starts) + 1) // 2 :]
+        if not later:
+            return None
+        plan = ReadPlan([(start, min(start + size, length)) for start in later])
+        return plan if helper.try_submit(plan.run, self._fill) is not None else None
+
+    def _read_split(self, base: int, want: int) -> bytes:
+        """Chunks from ``base`` (``want`` bytes), the second half filled by the helper thread."""
+        assert fresh_bytes is not None
+        data, view = fresh_bytes(want)
+        half = (want // 2) // self.chunk * self.chunk
+        future = helper.try_submit(self._fill, data, view[half:], base + half)
+        if future is None:
+            self._fill(data, view, base)
+            return data
+        try:
+            self._fill(data, view[:half], base)
+        finally:
+            error = future.exception()  # always wait: the helper writes into ``data``
+        if error is not None:
+            raise error
+        return data
+
+    def _fill(self, data: bytes, view: memoryview, offset: int) -> None:
+        """Fill ``view`` (``data``'s, kept alive by this call) from the block at
+        chunk-aligned ``offset``, verifying each step's chunks while they are in cache."""
+        chunk = self.chunk
+        step = max(FILL_STEP // chunk, 1) * chunk
+        for at in range(0, len(view), step):
+            part = view[at : at + step]
+            got = 0
+            while got < len(part):
+                count = os.preadv(self.fd, [part[got:]], offset + at + got)
+                if count <= 0:
+                    raise Corrupt("truncated")
+                got += count
+            first = (offset + at) // chunk
+            _check_chunks(part, chunk, self.sums, first, first + (len(part) - 1) // chunk)

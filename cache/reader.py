@@ -27,6 +27,7 @@ from .config import CacheConfig
 from .pieces import PieceFetching
 from .readstate import IOLedger, MemoryBlocks, PeerSource, ReadCursor, UrlIO, as_bytes, covers_block
 from .source import ObjectSource, ObjectVersion
+from .twocore import SPLIT_MIN
 from .writebehind import WriteBehind
 
 __all__ = ["BlockReader", "IOLedger", "PeerSource", "ReadCursor", "UrlIO"]
@@ -141,6 +142,9 @@ class BlockReader(PieceFetching):
                 if cursor is not None and first == last:
                     cursor.url, cursor.index = version.url, index
                     cursor.block = self.cache.opened(key)
+                    if cursor.block is not None and hi - lo < SPLIT_MIN:
+                        # This block's later reads go to the helper thread (twocore.py).
+                        cursor.plan = cursor.block.plan_reads(hi, hi - lo)
             else:
                 missing.append(index)
         # Pieces unless the read covers the block or reads sequentially (peers serve both).
@@ -252,10 +256,13 @@ class BlockReader(PieceFetching):
         if index != cursor.index or cursor.block is None or end > (index + 1) * bs:
             return None
         base = index * bs
-        try:
-            view = cursor.block.read(start - base, end - base)
-        except Exception:  # noqa: BLE001 - corrupt or gone: the full path re-reads and repairs
-            return None
+        lo, hi = start - base, end - base
+        view = cursor.plan.take(lo, hi) if cursor.plan is not None else None
+        if view is None:
+            try:
+                view = cursor.block.read(lo, hi)
+            except Exception:  # noqa: BLE001 - corrupt or gone: the full path re-reads and repairs
+                return None
         if len(view) != end - start:
             return None
         cursor.reads += 1
@@ -268,7 +275,9 @@ class BlockReader(PieceFetching):
             self.metrics.add(hits=cursor.reads, bytes_from_cache=cursor.bytes)
             self.ledger.add(cursor.url, bytes_from_cache=cursor.bytes, blocks_hit=cursor.reads)
         cursor.reads = cursor.bytes = 0
-        cursor.block, cursor.index = None, -1
+        if cursor.plan is not None:
+            cursor.plan.cancel()
+        cursor.block, cursor.index, cursor.plan = None, -1, None
 
     def release(self, source: ObjectSource, version: ObjectVersion, first_block: int, end_block: int) -> None:
         """A sequential reader has passed blocks ``[first_block, end_block)``.
