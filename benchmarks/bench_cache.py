@@ -1221,6 +1221,21 @@ def render_notes(res: dict[str, Any]) -> str:
         "block's request leaves first (it left after the eight read-ahead GETs, ~60 ms later). "
         "Cold 275 → 293 MiB/s (8 runs each). The harness's readers (Shoal and the ceiling) now send one "
         "request before timing, as the single-stream baseline always did (`head_bucket`).",
+        "14. twocore.py (2026-11-29, ninth session): warm reads use the second core. Measured first: "
+        "over the harness's own block files and local file, `pread` alone ran at the local file's speed "
+        "(~141 vs ~147 ms per GiB), `pread` + xxh3 of every chunk at ~191–198 ms, so one thread could not "
+        "pass 0.74–0.79× however little Python it ran; and both calls release the GIL. So a read of "
+        "2 MiB or more from an open block is split in two chunk-aligned halves, copied (`preadv`) and "
+        "verified at once by the caller and one helper thread, into one new `bytes` made with "
+        "`PyBytes_FromStringAndSize(NULL, n)` (what `os.pread` does inside CPython; a `bytearray` would need "
+        "a second copy, which measured slower than the hash it saves). A sequential reader's smaller reads "
+        "hand the later reads of each block (a little under half) to the helper as the reader enters the "
+        "block, in one hand-off: handing over each 1 MiB read singly lost (a thread wake-up here is "
+        "~50 µs at the median, ~250 µs at p90, next to ~200 µs for the read), and so did alternating "
+        "reads. Warm 8 MiB reads 0.64× → 1.02–1.11×, 1 MiB reads 0.67× → 0.76–0.85× (two full runs); "
+        "CPU per GiB ~0.2 → ~0.3–0.34 s (the local file: ~0.2 s). Cold reads do not touch it (A/B with it "
+        "off, 3 runs each: 4.26× and 4.06× the single stream, ceilings 5.33× and 4.76×: the machine's "
+        "slow hour).",
         "",
         "Tried and dropped: writing blocks with `O_DIRECT` (around the page cache): cold client CPU fell "
         "from ~0.9 to ~0.55 s per 256 MiB and cold throughput rose ~6%, because a buffered write into "
@@ -1239,7 +1254,8 @@ def render_notes(res: dict[str, Any]) -> str:
         "bytes): 0.42× a local file against 0.68× without, in-process A/B — the extra copy and the GIL the "
         "helper holds cost more than the checksums it moves off the reader's thread.",
         "",
-        "Tried and dropped (2026-11-29, eighth session): (a) copying a large read from the page cache in "
+        "Tried and dropped (2026-11-29, eighth session; (a) is now part of 14, with a second thread): "
+        "(a) copying a large read from the page cache in "
         "512 KiB steps into the bytes object it returns (`PyBytes_FromStringAndSize(NULL, n)` through "
         "ctypes, filled by `os.preadv`) and hashing each step's chunks while they are in L2: +9% in an "
         "isolated loop (0.74× → 0.81× a local file), but in the reader, A/B in fresh processes over the "
