@@ -107,6 +107,34 @@ def run_duckdb(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return table, out
 
 
+def _start_py_spy() -> Any:
+    """With ``SHOAL_BENCH_PY_SPY=<path>``: sample this process's timed region
+    (all threads, native frames included: DuckDB's threads call the cached
+    filesystem) with py-spy into ``<path>`` (speedscope JSON; ``{pid}`` and
+    ``{peers}``, "peer" or "local", are filled in). Diagnosis only."""
+    out = os.environ.get("SHOAL_BENCH_PY_SPY")
+    if not out:
+        return None
+    out = out.replace("{pid}", str(os.getpid())).replace("{peers}", "peer" if os.environ.get("SHOAL_PEERS") else "local")
+    import shutil
+    import subprocess
+
+    spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
+                            "--pid", str(os.getpid()), "--rate", "2000", "--native", "--threads", "--idle",
+                            "--format", "speedscope", "--output", out, "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)  # attached and sampling before the timed region starts
+    return spy
+
+
+def _stop_py_spy(spy: Any) -> None:
+    if spy is not None:
+        import signal
+
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
 def run_shoal(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     t0 = time.perf_counter()
     if spec.get("code_dir"):  # the orchestrator's frozen copy of Shoal (a regular package named shoal)
@@ -131,6 +159,7 @@ def run_shoal(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     session.planner.con.execute("SELECT 1").fetchall()
     setup = time.perf_counter() - t0
 
+    spy = _start_py_spy()
     cpu0 = _cpu()
     t1 = time.perf_counter()
     for table in TPCH_TABLES:
@@ -138,6 +167,7 @@ def run_shoal(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     result = session.sql(spec["sql"])
     t2 = time.perf_counter()
     cpu1 = _cpu()
+    _stop_py_spy(spy)
     stats = session.fs.stats()
     session.close()
     t3 = time.perf_counter()
