@@ -109,8 +109,9 @@ def run_duckdb(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 def _start_py_spy() -> Any:
     """With ``SHOAL_BENCH_PY_SPY=<path>``: sample this process's timed region
-    (all threads, native frames included: DuckDB's threads call the cached
-    filesystem) with py-spy into ``<path>`` (speedscope JSON; ``{pid}`` and
+    (all threads, DuckDB's included where they call the cached filesystem;
+    Python frames only, without pausing the process: native unwinding pauses
+    it and made a 0.3 s query take 5-8 s) with py-spy into ``<path>`` (speedscope JSON; ``{pid}`` and
     ``{peers}``, "peer" or "local", are filled in). Diagnosis only."""
     out = os.environ.get("SHOAL_BENCH_PY_SPY")
     if not out:
@@ -120,7 +121,7 @@ def _start_py_spy() -> Any:
     import subprocess
 
     spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
-                            "--pid", str(os.getpid()), "--rate", "2000", "--native", "--threads", "--idle",
+                            "--pid", str(os.getpid()), "--rate", "1000", "--threads", "--idle",
                             "--format", "speedscope", "--output", out, "--nonblocking"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.5)  # attached and sampling before the timed region starts
