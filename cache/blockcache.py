@@ -267,6 +267,18 @@ class BlockCache:
             return None
         return self._keep_open(key, OpenBlock(fd))
 
+    def open_for_scan(self, key: str) -> "OpenBlock | None":
+        """A block's open, footer-verified file, opened now if need be, for a
+        sequential reader about to read it in parts; None on a miss, a block kept
+        inline or any failure (the reader's own read then meets and reports it)."""
+        if self._cache is None:
+            return None
+        try:
+            block = self._open_block(key)
+        except (Corrupt, OSError, sqlite3.Error, diskcache.Timeout):
+            return None
+        return block if isinstance(block, OpenBlock) else None
+
     def opened(self, key: str) -> "OpenBlock | None":
         """The open, footer-verified file of a block read before, if still open
         (no index lookup): a sequential reader's next reads of the same block

@@ -168,15 +168,14 @@ class OpenBlock:
     # -- reads that use a second core (see twocore.py) ---------------------------
 
     def plan_reads(self, lo: int, size: int) -> ReadPlan | None:
-        """Hand the later ``size``-byte reads that follow ``lo`` in this block
-        (a little under half of them: the reader's own reads of planned ranges
-        still cost it some Python) to the helper thread; None if it is busy or
-        the reads do not fall on chunk bounds."""
+        """Hand the later half of the ``size``-byte reads that follow ``lo`` in
+        this block to the helper thread (the reader is about to read ``lo - size``
+        to ``lo`` itself); None if it is busy or the reads do not fall on chunk bounds."""
         chunk, length = self.chunk, self.length
         if fresh_bytes is None or size <= 0 or size % chunk or lo % chunk:
             return None
         starts = list(range(lo, length, size))
-        later = starts[(len(starts) + 1) // 2 :]
+        later = starts[len(starts) // 2 :]
         if not later:
             return None
         plan = ReadPlan([(start, min(start + size, length)) for start in later])

@@ -127,7 +127,13 @@ class BlockReader(PieceFetching):
             piece = None
             if not fetching and self.cache.known_partial(key):
                 piece = self.cache.read_piece(key, lo, hi)  # skip the whole-block lookup
+            plan = None
             if piece is None and not fetching:
+                if cursor is not None and first == last and hi - lo < SPLIT_MIN:
+                    # A sequential reader entering a block: its later reads there go to
+                    # the helper thread (twocore.py), which starts before this read does.
+                    opened = self.cache.open_for_scan(key)
+                    plan = opened.plan_reads(hi, hi - lo) if opened is not None else None
                 piece = self.cache.read_range(key, lo, hi)
             if piece is None and not fetching:
                 pending = self._pending_piece(key, lo, hi)
@@ -142,11 +148,11 @@ class BlockReader(PieceFetching):
                 if cursor is not None and first == last:
                     cursor.url, cursor.index = version.url, index
                     cursor.block = self.cache.opened(key)
-                    if cursor.block is not None and hi - lo < SPLIT_MIN:
-                        # This block's later reads go to the helper thread (twocore.py).
-                        cursor.plan = cursor.block.plan_reads(hi, hi - lo)
+                    cursor.plan, plan = (plan, None) if cursor.block is not None else (None, plan)
             else:
                 missing.append(index)
+            if plan is not None:  # not this reader's block after all
+                plan.cancel()
         # Pieces unless the read covers the block or reads sequentially (peers serve both).
         whole = [i for i in missing if whole_blocks or covers_block(i, start, end, bs, version.size)]
         partial = [i for i in missing if i not in whole]

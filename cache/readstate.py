@@ -148,8 +148,8 @@ class ReadCursor:
     and handed to the metrics when the reader moves on or closes.  (Reading
     the next block ahead, whole, on another thread was tried: the extra copy
     and the GIL it holds made 1 MiB reads slower, 0.42x a local file vs 0.68x.)
-    Instead, the helper thread of ``twocore.py`` fills the later reads the
-    reader will make in its block while it makes the earlier ones (``plan``).
+    Instead, the helper thread of ``twocore.py`` fills the later half of the
+    reads the reader will make in its block while it makes the earlier ones (``plan``).
     """
 
     __slots__ = ("url", "index", "block", "reads", "bytes", "plan")

@@ -8,10 +8,10 @@ second thread can do half of it at the same time:
 
 * a large read (:data:`SPLIT_MIN` or more) is split in two chunk-aligned
   halves, the helper thread filling the second while the caller fills the first;
-* a sequential reader's smaller reads share a block: when the reader enters
-  the block, the helper is handed the later reads of that size it will make
-  there (a little under half of them), and fills them while the reader makes
-  the earlier ones itself (:class:`ReadPlan`).
+* a sequential reader's smaller reads share a block: as the reader enters
+  the block, before its first read there, the helper is handed the later
+  half of the reads of that size it will make there, and fills them while
+  the reader makes the earlier ones itself (:class:`ReadPlan`).
 
 Both fill one new ``bytes`` object in place (what ``os.pread`` does inside
 CPython, for one thread): a ``bytearray`` would need a second copy into the

@@ -108,10 +108,10 @@ def test_a_large_read_while_the_helper_is_busy_reads_alone(tmp_path: Path, busy_
 def test_a_read_plan_fills_the_later_reads_of_the_block(tmp_path: Path) -> None:
     data = payload(8 * MiB, seed=5)
     block = sealed_block(tmp_path / "block", data)
-    plan = block.plan_reads(MiB, MiB)  # the reader read [0, 1 MiB) and goes on in 1 MiB reads
+    plan = block.plan_reads(MiB, MiB)  # the reader reads [0, 1 MiB) and goes on in 1 MiB reads
     assert plan is not None
-    # Seven reads follow; the helper takes the last three.
-    assert sorted(plan.reads) == [5 * MiB, 6 * MiB, 7 * MiB]
+    # Seven reads follow; the helper takes the last four.
+    assert sorted(plan.reads) == [4 * MiB, 5 * MiB, 6 * MiB, 7 * MiB]
     assert plan.take(MiB, 2 * MiB) is None  # not planned: the reader reads it itself
     assert plan.take(6 * MiB, 6 * MiB + CHUNK) is None  # planned with another length
     assert plan.take(5 * MiB, 6 * MiB) == data[5 * MiB : 6 * MiB]
