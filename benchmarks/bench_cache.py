@@ -1232,7 +1232,7 @@ def render_notes(res: dict[str, Any]) -> str:
         "hand the later reads of each block (a little under half) to the helper as the reader enters the "
         "block, in one hand-off: handing over each 1 MiB read singly lost (a thread wake-up here is "
         "~50 µs at the median, ~250 µs at p90, next to ~200 µs for the read), and so did alternating "
-        "reads. Warm 8 MiB reads 0.64× → 0.92–1.11×, 1 MiB reads 0.67× → 0.72–0.85× (three full runs); "
+        "reads. Warm 8 MiB reads 0.64× → 0.92–1.11×, 1 MiB reads 0.67× → 0.72–0.85× (four full runs); "
         "planning before the reader's first read of a block, so that the helper takes half of the block's "
         "reads instead of three of eight: 1 MiB reads 0.73× → 0.79× (A/B, 5 pairs each, twice); "
         "CPU per GiB ~0.2 → ~0.3–0.34 s (the local file: ~0.2 s). Cold reads do not touch it (A/B with it "
