@@ -135,6 +135,9 @@ class BlockReader(PieceFetching):
                     opened = self.cache.open_for_scan(key)
                     plan = opened.plan_reads(hi, hi - lo) if opened is not None else None
                 piece = self.cache.read_range(key, lo, hi)
+                if plan is not None and (piece is None or len(piece) != hi - lo):
+                    plan.cancel()  # the block could not be read after all
+                    plan = None
             if piece is None and not fetching:
                 pending = self._pending_piece(key, lo, hi)
                 if pending is not None:
@@ -148,11 +151,9 @@ class BlockReader(PieceFetching):
                 if cursor is not None and first == last:
                     cursor.url, cursor.index = version.url, index
                     cursor.block = self.cache.opened(key)
-                    cursor.plan, plan = (plan, None) if cursor.block is not None else (None, plan)
+                    cursor.plan = plan
             else:
                 missing.append(index)
-            if plan is not None:  # not this reader's block after all
-                plan.cancel()
         # Pieces unless the read covers the block or reads sequentially (peers serve both).
         whole = [i for i in missing if whole_blocks or covers_block(i, start, end, bs, version.size)]
         partial = [i for i in missing if i not in whole]
