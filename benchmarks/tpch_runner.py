@@ -108,11 +108,23 @@ def run_duckdb(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 def _start_py_spy() -> Any:
-    """With ``SHOAL_BENCH_PY_SPY=<path>``: sample this process's timed region
+    """With ``SHOAL_BENCH_PERF=<path>``: ``perf record -a -g`` of the timed region
+    (whole machine: the peer worker too) into ``<path>``.  With ``SHOAL_BENCH_PY_SPY=<path>``: sample this process's timed region
     (all threads, DuckDB's included where they call the cached filesystem;
     Python frames only, without pausing the process: native unwinding pauses
     it and made a 0.3 s query take 5-8 s) with py-spy into ``<path>`` (speedscope JSON; ``{pid}`` and
     ``{peers}``, "peer" or "local", are filled in). Diagnosis only."""
+    perf_out = os.environ.get("SHOAL_BENCH_PERF")
+    if perf_out:
+        # System-wide (the peer worker's CPU counts too), kernel and native frames.
+        import subprocess
+
+        perf_out = perf_out.replace("{pid}", str(os.getpid())).replace(
+            "{peers}", "peer" if os.environ.get("SHOAL_PEERS") else "local")
+        perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "2000", "-o", perf_out],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        return perf
     out = os.environ.get("SHOAL_BENCH_PY_SPY")
     if not out:
         return None

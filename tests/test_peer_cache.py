@@ -487,3 +487,30 @@ def test_owner_without_ranges_is_asked_for_whole_blocks() -> None:
         assert tier.metrics.peer_hits == 2 and tier.metrics.peer_bytes == (BS - 5 - (70_000 - BS)) + 7
     finally:
         tier.close()
+
+
+def test_receive_buffers_are_zeroed_disjoint_and_outlive_their_arena() -> None:
+    """Batches are cut from shared huge-page arenas: each buffer starts zeroed,
+    no two overlap (even when the arena rolls over), and a buffer stays valid
+    after its arena has been replaced."""
+    from shoal.transport import peercache
+
+    arena = peercache._ReceiveArena.ARENA_BYTES
+    first = peercache._receive_buffers([10, 0, 4096 + 1])
+    assert [len(b) for b in first] == [10, 0, 4097]
+    assert all(not any(b) for b in first)
+    for i, b in enumerate(first):
+        b[:] = bytes([i + 1]) * len(b)
+    # Enough batches to roll over to new arenas several times.
+    later = [peercache._receive_buffers([arena // 5]) for _ in range(12)]
+    for n, (b,) in enumerate(later):
+        assert not any(b[:4096])
+        b[:] = bytes([n + 10]) * len(b)
+    assert bytes(first[0]) == b"\x01" * 10 and bytes(first[2]) == b"\x03" * 4097
+    for n, (b,) in enumerate(later):
+        assert b[0] == b[-1] == n + 10
+    # A batch larger than a quarter arena gets a mapping of its own.
+    (big,) = peercache._receive_buffers([arena])
+    big[-1] = 7
+    assert len(big) == arena and big[0] == 0 and big[-1] == 7
+    assert peercache._receive_buffers([]) == []

@@ -329,18 +329,61 @@ class PeerTier:
         self.transport.close()
 
 
-def _receive_buffers(lengths: Sequence[int]) -> list[memoryview]:
-    """Buffers for one batch's answers, all slices of one anonymous mapping.
+class _ReceiveArena:
+    """Receive buffers cut from large anonymous mappings backed by huge pages.
 
-    ``bytearray(n)`` writes zeros over every page before the transport writes the
-    data over them again; a mapping's pages are zero when first touched, by the
-    receive itself (a batch of pieces for a query is tens of MiB: the zeroing
-    pass cost ~30 ms of a ~250 ms query here).  The mapping lives as long as
-    any piece cut from it is referenced."""
+    A peer batch's answers are received straight into memory that nothing has
+    touched, so every page costs a fault: 0.5 ms per MiB in 4 KiB pages here
+    (0.73 ms in a shared mapping, which is what ``mmap.mmap(-1, n)`` makes),
+    0.1 ms per MiB when a private mapping asks for transparent huge pages.  Batches
+    are small (a query's pieces come in ~1 MiB batches), so they are cut one
+    after another from a shared arena of :data:`ARENA_BYTES`; an arena's memory
+    is returned when no piece cut from it is referenced any more.  ``bytearray``
+    would be worse still: it writes zeros over every page before the data.
+    """
+
+    ARENA_BYTES = 8 << 20
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._arena: memoryview | None = None
+        self._used = 0
+
+    @staticmethod
+    def _map(size: int) -> memoryview:
+        # Private: a shared anonymous mapping is shmem, which takes no huge
+        # pages here and costs more per fault (0.73 against 0.51 ms per MiB).
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if size >= (2 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                region.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # THP off or unsupported: ordinary pages
+                pass
+        return memoryview(region)
+
+    def take(self, size: int) -> memoryview:
+        """``size`` bytes of untouched memory (zero when first read)."""
+        if size > self.ARENA_BYTES // 4:
+            return self._map(size)
+        with self._lock:
+            if self._arena is None or self._used + size > len(self._arena):
+                self._arena, self._used = self._map(self.ARENA_BYTES), 0
+            region = self._arena[self._used : self._used + size]
+            # Keep slices 4 KiB-aligned so that no page is shared by two batches.
+            self._used += (size + 4095) & ~4095
+            return region
+
+
+_ARENA = _ReceiveArena()
+
+
+def _receive_buffers(lengths: Sequence[int]) -> list[memoryview]:
+    """Buffers for one batch's answers, all slices of one region (see
+    :class:`_ReceiveArena`); the region lives as long as any piece cut from it."""
     total = sum(lengths)
     if total == 0:
         return [memoryview(b"") for _ in lengths]
-    region = memoryview(mmap.mmap(-1, total))
+    region = _ARENA.take(total)
     out, at = [], 0
     for length in lengths:
         out.append(region[at : at + length])
