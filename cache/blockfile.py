@@ -19,18 +19,32 @@ from .twocore import FILL_STEP, SPLIT_MIN, ReadPlan, fresh_bytes, helper
 
 __all__ = ["CHUNK", "Corrupt", "OpenBlock", "Sealed", "read_range", "trailer"]
 
-# Stored block layout: data || one xxh3_64 per CHUNK of data || footer.
-# Chunks let a read of a few hundred KiB verify (and read) only the chunks it
-# covers instead of the whole block; the footer carries its own checksum.
+# Stored block layout: data || one xxh3_64 per CHUNK of data || one xxh3_64
+# per SPAN of data || footer.  Chunks let a read of a few hundred KiB verify
+# (and read) only the chunks it covers instead of the whole block; spans let a
+# large aligned read verify with one call per MiB instead of sixteen: each call
+# releases the GIL only for its own hash, and sixteen short calls a MiB made
+# two threads reading at once queue for the GIL (a warm 1 MiB-read scan on two
+# threads: 0.68-0.77x a local file with chunk checks, 0.87-0.89x with spans).
+# The footer carries its own checksum.
 CHUNK = 64 << 10
-_FOOTER = struct.Struct("<QIIdQ")  # data length, chunk size, chunk count, time stored, xxh3 of sums+header
+SPAN = 1 << 20
+# data length, chunk size, chunk count, time stored, span size, span count, xxh3 of the tables + header
+_FOOTER = struct.Struct("<QIIdIIQ")
+# Files written before spans: no span table, and this shorter footer.
+_FOOTER_V1 = struct.Struct("<QIIdQ")
+
+
+def _sums(view: memoryview, size: int) -> bytes:
+    count = (len(view) + size - 1) // size
+    return struct.pack(f"<{count}Q", *(xxhash.xxh3_64_intdigest(view[i * size : (i + 1) * size]) for i in range(count)))
+
 
 def trailer(view: memoryview) -> bytes:
-    """Per-chunk checksums and footer that follow a block's data on disk."""
-    count = (len(view) + CHUNK - 1) // CHUNK
-    sums = struct.pack(f"<{count}Q", *(xxhash.xxh3_64_intdigest(view[i * CHUNK : (i + 1) * CHUNK]) for i in range(count)))
-    head = struct.pack("<QIId", len(view), CHUNK, count, time.time())
-    return b"".join((sums, head, struct.pack("<Q", xxhash.xxh3_64_intdigest(sums + head))))
+    """Per-chunk and per-span checksums and the footer that follow a block's data on disk."""
+    sums, spans = _sums(view, CHUNK), _sums(view, SPAN)
+    head = _FOOTER.pack(len(view), CHUNK, len(sums) // 8, time.time(), SPAN, len(spans) // 8, 0)[:-8]
+    return b"".join((sums, spans, head, struct.pack("<Q", xxhash.xxh3_64_intdigest(sums + spans + head))))
 
 
 class Sealed:
@@ -57,20 +71,31 @@ class Corrupt(Exception):
     pass
 
 
-def _footer(total: int, read_at: Callable[[int, int], bytes]) -> tuple[int, int, float, bytes]:
+def _footer(total: int, read_at: Callable[[int, int], bytes]) -> tuple[int, int, float, bytes, int, bytes]:
     """Verified footer of a sealed block file of ``total`` bytes, read with
     ``read_at(size, offset)``: (data length, chunk size, time stored, raw
-    per-chunk sums); raises :class:`Corrupt` for a short, truncated or altered file."""
-    if total < _FOOTER.size:
+    per-chunk sums, span size, raw per-span sums; span size 0 and no sums for a
+    file written before spans); raises :class:`Corrupt` for a short, truncated
+    or altered file."""
+    if total < _FOOTER_V1.size:
         raise Corrupt("too short")
-    length, chunk, count, stored_at, footer_sum = _FOOTER.unpack(read_at(_FOOTER.size, total - _FOOTER.size))
-    if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER.size:
+    tail = read_at(_FOOTER.size, total - _FOOTER.size) if total >= _FOOTER.size else b""
+    if tail:
+        length, chunk, count, stored_at, span, spans, footer_sum = _FOOTER.unpack(tail)
+        if (chunk and span and span % chunk == 0 and count == (length + chunk - 1) // chunk
+                and spans == (length + span - 1) // span and total == length + 8 * (count + spans) + _FOOTER.size):
+            tables = read_at(8 * (count + spans), length)
+            if xxhash.xxh3_64_intdigest(tables + tail[:-8]) != footer_sum:
+                raise Corrupt("bad checksum table")
+            return length, chunk, stored_at, tables[: 8 * count], span, tables[8 * count :]
+    length, chunk, count, stored_at, footer_sum = _FOOTER_V1.unpack(read_at(_FOOTER_V1.size, total - _FOOTER_V1.size))
+    if chunk == 0 or count != (length + chunk - 1) // chunk or total != length + 8 * count + _FOOTER_V1.size:
         raise Corrupt("bad footer or truncated")
     sums = read_at(8 * count, length)
-    head = _FOOTER.pack(length, chunk, count, stored_at, 0)[: _FOOTER.size - 8]
+    head = _FOOTER_V1.pack(length, chunk, count, stored_at, 0)[: _FOOTER_V1.size - 8]
     if xxhash.xxh3_64_intdigest(sums + head) != footer_sum:
         raise Corrupt("bad checksum table")
-    return length, chunk, stored_at, sums
+    return length, chunk, stored_at, sums, 0, b""
 
 
 def _check_chunks(raw: memoryview, chunk: int, sums: bytes, first: int, last: int) -> None:
@@ -81,6 +106,27 @@ def _check_chunks(raw: memoryview, chunk: int, sums: bytes, first: int, last: in
     for n in range(count):
         if xxhash.xxh3_64_intdigest(raw[n * chunk : (n + 1) * chunk]) != expected[n]:
             raise Corrupt(f"chunk {first + n} checksum mismatch")
+
+
+def _check(raw: memoryview, base: int, length: int, chunk: int, sums: bytes, span: int, spans: bytes) -> None:
+    """Raise :class:`Corrupt` unless ``raw``, the block's bytes from chunk-aligned
+    ``base`` to a chunk boundary or the block's end, matches the stored sums:
+    a whole span it covers by one span sum, the rest chunk by chunk (a span
+    that fails is checked chunk by chunk, to name the bad chunk)."""
+    end = base + len(raw)
+    at = base
+    while at < end:
+        if span and at % span == 0:
+            stop = min(at + span, length)
+            if stop <= end:
+                if xxhash.xxh3_64_intdigest(raw[at - base : stop - base]) != struct.unpack_from("<Q", spans, 8 * (at // span))[0]:
+                    _check_chunks(raw[at - base : stop - base], chunk, sums, at // chunk, (stop - 1) // chunk)
+                    raise Corrupt(f"span {at // span} checksum mismatch")
+                at = stop
+                continue
+        stop = min(end, (at // span + 1) * span) if span else end
+        _check_chunks(raw[at - base : stop - base], chunk, sums, at // chunk, (stop - 1) // chunk)
+        at = stop
 
 
 def _read_at(handle: BinaryIO) -> Callable[[int, int], bytes]:
@@ -96,7 +142,7 @@ def read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, i
 
     Returns (bytes, block length, time stored); raises :class:`Corrupt`.
     """
-    length, chunk, stored_at, sums = _footer(handle.seek(0, io.SEEK_END), _read_at(handle))
+    length, chunk, stored_at, sums, span, spans = _footer(handle.seek(0, io.SEEK_END), _read_at(handle))
     hi = length if hi is None else min(hi, length)
     if hi <= lo:
         return memoryview(b""), length, stored_at
@@ -104,7 +150,9 @@ def read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, i
     base = first * chunk
     handle.seek(base)
     raw = memoryview(handle.read(min((last + 1) * chunk, length) - base))
-    _check_chunks(raw, chunk, sums, first, last)
+    if len(raw) != min((last + 1) * chunk, length) - base:
+        raise Corrupt("truncated")
+    _check(raw, base, length, chunk, sums, span, spans)
     return raw[lo - base : hi - base], length, stored_at
 
 
@@ -123,7 +171,7 @@ class OpenBlock:
     costs a page fault per 4 KiB.
     """
 
-    __slots__ = ("fd", "length", "chunk", "stored_at", "sums")
+    __slots__ = ("fd", "length", "chunk", "stored_at", "sums", "span", "spans")
 
     def __init__(self, fd: int) -> None:
         """Takes ownership of ``fd`` (closed when this is collected, or at once if invalid)."""
@@ -143,7 +191,7 @@ class OpenBlock:
     def _verify_footer(self, fd: int) -> None:
         # The verified table (8 bytes per 64 KiB chunk) stays: reads need not
         # read it again, and a table changed on disk since cannot vouch for data.
-        self.length, self.chunk, self.stored_at, self.sums = _footer(
+        self.length, self.chunk, self.stored_at, self.sums, self.span, self.spans = _footer(
             os.fstat(fd).st_size, lambda size, offset: os.pread(fd, size, offset))
 
     def read(self, lo: int, hi: int | None) -> memoryview:
@@ -162,7 +210,7 @@ class OpenBlock:
         raw = memoryview(os.pread(self.fd, want, base))
         if len(raw) != want:
             raise Corrupt("truncated")
-        _check_chunks(raw, chunk, self.sums, first, last)
+        _check(raw, base, length, chunk, self.sums, self.span, self.spans)
         return raw[lo - base : hi - base]
 
     # -- reads that use a second core (see twocore.py) ---------------------------
@@ -211,5 +259,4 @@ class OpenBlock:
                 if count <= 0:
                     raise Corrupt("truncated")
                 got += count
-            first = (offset + at) // chunk
-            _check_chunks(part, chunk, self.sums, first, first + (len(part) - 1) // chunk)
+            _check(part, offset + at, self.length, chunk, self.sums, self.span, self.spans)

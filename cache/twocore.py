@@ -4,7 +4,10 @@ A warm read from the SSD tier is a copy out of the page cache plus an xxh3
 of every 64 KiB chunk copied: on one core the hash alone is ~20% of a plain
 file read, so a single thread cannot come near a local file's speed.  Both
 halves of the work release the GIL (``os.preadv`` and ``xxhash``), so a
-second thread can do half of it at the same time:
+second thread can do half of it at the same time.  (Hashing releases it only
+for the hash itself: verified in 64 KiB chunks, a MiB is sixteen calls and two
+threads queued for the GIL between them; block files therefore also carry a
+sum per 1 MiB span, which aligned reads check with one call.)
 
 * a large read (:data:`SPLIT_MIN` or more) is split in two chunk-aligned
   halves, the helper thread filling the second while the caller fills the first;

@@ -198,3 +198,56 @@ def test_a_flipped_byte_in_a_planned_range_is_refetched(tmp_path: Path, mem_url:
     stats = warm.stats()
     assert (stats["corrupt_blocks"], stats["store_requests"]) == (1, 1)
     warm.close()
+
+
+def _v1_block(path: Path, data: bytes) -> None:
+    """A block file as written before span sums: data, chunk sums, 32-byte footer."""
+    import struct
+
+    import xxhash
+
+    count = (len(data) + CHUNK - 1) // CHUNK
+    sums = b"".join(struct.pack("<Q", xxhash.xxh3_64_intdigest(data[i * CHUNK : (i + 1) * CHUNK]))
+                    for i in range(count))
+    head = struct.pack("<QIId", len(data), CHUNK, count, 1.0)
+    path.write_bytes(data + sums + head + struct.pack("<Q", xxhash.xxh3_64_intdigest(sums + head)))
+
+
+def test_span_sums_verify_aligned_reads_and_name_the_bad_chunk(tmp_path: Path) -> None:
+    data = payload(3 * MiB + 5 * CHUNK + 17, seed=21)
+    path = tmp_path / "block"
+    block = sealed_block(path, data)
+    assert block.span == MiB and len(block.spans) == 8 * 4
+    for lo, hi in ((0, MiB), (MiB, 2 * MiB), (MiB, 3 * MiB + CHUNK), (3 * MiB, None), (CHUNK, 2 * MiB + 1), (0, None)):
+        assert bytes(block.read(lo, hi)) == data[lo:hi]
+    flip(path, 2 * MiB + 3 * CHUNK + 5)
+    with pytest.raises(Corrupt, match=f"chunk {2 * 16 + 3} "):
+        sealed = OpenBlock(os.open(path, os.O_RDONLY))
+        sealed.read(2 * MiB, 3 * MiB)  # one span
+    assert bytes(OpenBlock(os.open(path, os.O_RDONLY)).read(0, 2 * MiB)) == data[: 2 * MiB]
+
+
+def test_a_changed_span_table_fails_the_footer(tmp_path: Path) -> None:
+    data = payload(2 * MiB, seed=22)
+    path = tmp_path / "block"
+    sealed_block(path, data)
+    flip(path, len(data) + 8 * (2 * MiB // CHUNK) + 3)  # inside the span table
+    with pytest.raises(Corrupt, match="checksum table"):
+        OpenBlock(os.open(path, os.O_RDONLY))
+
+
+def test_block_files_written_before_span_sums_still_read_verified(tmp_path: Path) -> None:
+    data = payload(2 * MiB + 999, seed=23)
+    path = tmp_path / "block"
+    _v1_block(path, data)
+    block = OpenBlock(os.open(path, os.O_RDONLY))
+    assert block.span == 0 and block.length == len(data)
+    assert bytes(block.read(0, None)) == data and bytes(block.read(MiB, 2 * MiB)) == data[MiB : 2 * MiB]
+    with open(path, "rb") as handle:
+        from shoal.cache.blockfile import read_range
+
+        view, length, stored_at = read_range(handle, 5, MiB + 3)
+        assert bytes(view) == data[5 : MiB + 3] and length == len(data) and stored_at == 1.0
+    flip(path, MiB + 7)
+    with pytest.raises(Corrupt, match=f"chunk {MiB // CHUNK} "):
+        OpenBlock(os.open(path, os.O_RDONLY)).read(0, None)
