@@ -215,7 +215,7 @@ class OpenBlock:
 
     # -- reads that use a second core (see twocore.py) ---------------------------
 
-    def plan_reads(self, lo: int, size: int) -> ReadPlan | None:
+    def plan_reads(self, lo: int, size: int, *, queue: bool = False) -> ReadPlan | None:
         """Hand the later half of the ``size``-byte reads that follow ``lo`` in
         this block to the helper thread (the reader is about to read ``lo - size``
         to ``lo`` itself); None if it is busy or the reads do not fall on chunk bounds."""
@@ -227,7 +227,7 @@ class OpenBlock:
         if not later:
             return None
         plan = ReadPlan([(start, min(start + size, length)) for start in later])
-        return plan if helper.try_submit(plan.run, self._fill) is not None else None
+        return plan if helper.try_submit(plan.run, self._fill, queue=queue) is not None else None
 
     def _read_split(self, base: int, want: int) -> bytes:
         """Chunks from ``base`` (``want`` bytes), the second half filled by the helper thread."""

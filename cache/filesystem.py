@@ -546,11 +546,18 @@ class ShoalFile(io.RawIOBase):
         if end <= start:
             return b""
         self._note_access(start, end)
+        if self._scanning:
+            cursor = self._cursor()
+        else:
+            cursor = None
+            left = getattr(self._position, "cursor", None)
+            if left is not None and (left.plan is not None or left.ahead is not None):
+                self.fs.reader.settle(left)  # no longer sequential: the helper's reads for it stop
         try:
             # A sequential reader fetches whole blocks (read-ahead keeps them
             # coming); scattered reads (Parquet column chunks) fetch exact pieces.
             data = self.fs.reader.read(self.source, self.version, start, end, whole_blocks=self._scanning,
-                                       cursor=self._cursor() if self._scanning else None)
+                                       cursor=cursor)
         except StorageError as exc:
             self.fs.record_error(exc)
             raise

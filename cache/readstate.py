@@ -149,10 +149,11 @@ class ReadCursor:
     the next block ahead, whole, on another thread was tried: the extra copy
     and the GIL it holds made 1 MiB reads slower, 0.42x a local file vs 0.68x.)
     Instead, the helper thread of ``twocore.py`` fills the later half of the
-    reads the reader will make in its block while it makes the earlier ones (``plan``).
+    reads the reader will make in its block while it makes the earlier ones
+    (``plan``), and is handed the next block's as this one is entered (``ahead``).
     """
 
-    __slots__ = ("url", "index", "block", "reads", "bytes", "plan")
+    __slots__ = ("url", "index", "block", "reads", "bytes", "plan", "ahead")
 
     def __init__(self) -> None:
         self.url = ""
@@ -161,3 +162,6 @@ class ReadCursor:
         self.reads = 0
         self.bytes = 0
         self.plan: Any = None  # reads of this block the helper thread fills (twocore.ReadPlan)
+        # (url, block index, plan): the next block's plan, handed to the helper as
+        # this block was entered, so that the helper is a block ahead of the reader.
+        self.ahead: Any = None

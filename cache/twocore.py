@@ -82,29 +82,33 @@ class _Helper:
         # A forked child (DataLoader workers) has none of its parent's threads.
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._busy = False
+        self._queued = 0  # jobs submitted and not finished
         self.jobs = 0  # jobs handed over (tests and benchmarks read it)
 
-    def try_submit(self, fn: Callable[..., Any], *args: Any) -> "Future[Any] | None":
-        """Run ``fn(*args)`` on the helper thread, or return None if it is busy."""
+    def try_submit(self, fn: Callable[..., Any], *args: Any, queue: bool = False) -> "Future[Any] | None":
+        """Run ``fn(*args)`` on the helper thread, or return None if it is busy.
+
+        With ``queue``, one job may wait behind the running one (a sequential
+        reader's plan for its next block, handed over early so that the
+        helper's wake-up is never on the reader's path)."""
         with self._lock:
-            if self._busy:
+            if self._queued > (1 if queue else 0):
                 return None
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-verify")
-            self._busy = True
+            self._queued += 1
             self.jobs += 1
             try:
                 future = self._pool.submit(fn, *args)
             except RuntimeError:  # interpreter shutting down
-                self._busy = False
+                self._queued -= 1
                 return None
         future.add_done_callback(self._idle)
         return future
 
     def _idle(self, _future: "Future[Any]") -> None:
         with self._lock:
-            self._busy = False
+            self._queued -= 1
 
 
 #: The process's helper thread (started on first use).

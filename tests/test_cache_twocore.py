@@ -200,6 +200,59 @@ def test_a_flipped_byte_in_a_planned_range_is_refetched(tmp_path: Path, mem_url:
     warm.close()
 
 
+def _wait_helper_idle() -> None:
+    for _ in range(500):
+        future = helper.try_submit(lambda: None)
+        if future is not None:
+            future.result(timeout=5)
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the helper thread stayed busy")
+
+
+def test_the_next_blocks_plan_is_handed_over_as_a_block_is_entered(tmp_path: Path, mem_url: tuple[str, bytes]) -> None:
+    url, data = mem_url
+    cold = _fs(tmp_path / "cache")
+    assert _scan(cold, url, MiB) == data
+    cold.close()
+    warm = _fs(tmp_path / "cache")
+    with warm.open(url, "rb") as f:
+        assert f.read(MiB) == data[:MiB]
+        cursor = f._cursor()
+        assert cursor.index == 0 and cursor.plan is not None
+        url_ahead, index_ahead, plan_ahead = cursor.ahead
+        assert index_ahead == 1 and sorted(plan_ahead.reads) == [4 * MiB, 5 * MiB, 6 * MiB, 7 * MiB]
+        rest = b"".join(iter(lambda: f.read(MiB), b""))
+    assert rest == data[MiB:]
+    assert cursor.ahead is None  # settled at close
+    # The helper filled block 1's later reads, which the reader took when it got there.
+    assert not plan_ahead.reads
+    assert warm.stats()["bytes_from_cache"] == len(data)
+    warm.close()
+
+
+def test_a_reader_that_leaves_early_or_jumps_cancels_the_plan_ahead(tmp_path: Path, mem_url: tuple[str, bytes]) -> None:
+    url, data = mem_url
+    cold = _fs(tmp_path / "cache")
+    assert _scan(cold, url, MiB) == data
+    cold.close()
+    warm = _fs(tmp_path / "cache")
+    with warm.open(url, "rb") as f:
+        assert f.read(MiB) == data[:MiB]
+        plan_ahead = f._cursor().ahead[2]
+    assert plan_ahead.cancelled  # closed after one read
+    _wait_helper_idle()  # the plans cancelled above stop after the range in hand
+    with warm.open(url, "rb") as f:
+        assert f.read(MiB) == data[:MiB]
+        plan_ahead = f._cursor().ahead[2]
+        f.seek(16 * MiB)
+        assert f.read(MiB) == data[16 * MiB :]
+        assert plan_ahead.cancelled and f._cursor().ahead is None
+        f.seek(9 * MiB)  # into block 1, not at its start: planned afresh
+        assert f.read(MiB) == data[9 * MiB : 10 * MiB]
+    warm.close()
+
+
 def _v1_block(path: Path, data: bytes) -> None:
     """A block file as written before span sums: data, chunk sums, 32-byte footer."""
     import struct
