@@ -1238,6 +1238,16 @@ def render_notes(res: dict[str, Any]) -> str:
         "CPU per GiB ~0.2 → ~0.3–0.34 s (the local file: ~0.2 s). Cold reads do not touch it (A/B with it "
         "off, 3 runs each: 4.26× and 4.06× the single stream, ceilings 5.33× and 4.76×: the machine's "
         "slow hour).",
+        "15. blockfile.py, reader.py (2026-11-30, tenth session, on the AMD EPYC host whose page cache "
+        "copies at ~17–20 GB/s, against ~6–7 GB/s on the Xeon before: Shoal's fixed costs weigh more "
+        "there, and the first run on it gave 1 MiB reads 0.63×). (a) Block files also carry an xxh3 per "
+        "1 MiB span: an aligned MiB verifies with one call instead of sixteen 64 KiB calls, each of which "
+        "took the GIL back, so the reader and the helper queued for it (two threads hashing 64 KiB chunks "
+        "ran 1.1× one thread; whole MiBs 2.2×). In-process A/B, 1 MiB reads: 0.68–0.77× → 0.73–0.89×; "
+        "the next full run gave 0.68× (pairs 0.61–0.85). Files written before spans still read, verified "
+        "by chunk. (b) The helper is handed the next block's plan as the reader enters a block, queued "
+        "behind the current one, so it works a block ahead and its wake-up is off the reader's path: "
+        "fresh-process pairs 0.58–0.84× → 0.82–0.92×, in-process 0.93–0.96×.",
         "",
         "Tried and dropped: writing blocks with `O_DIRECT` (around the page cache): cold client CPU fell "
         "from ~0.9 to ~0.55 s per 256 MiB and cold throughput rose ~6%, because a buffered write into "
