@@ -168,15 +168,20 @@ def _scan(fs: ShoalFileSystem, url: str, size: int) -> bytes:
         return b"".join(iter(lambda: f.read(size), b""))
 
 
+def _filled_fs(tmp_path: Path, url: str, data: bytes) -> ShoalFileSystem:
+    """A filesystem over a cache that one cold scan (1 MiB reads) has filled."""
+    cold = _fs(tmp_path / "cache")
+    assert _scan(cold, url, MiB) == data
+    cold.close()
+    return _fs(tmp_path / "cache")
+
+
 @pytest.mark.parametrize("read_size", [256 << 10, 8 * MiB])
 def test_a_warm_scan_uses_the_helper_and_reads_the_right_bytes(
     tmp_path: Path, mem_url: tuple[str, bytes], read_size: int
 ) -> None:
     url, data = mem_url
-    cold = _fs(tmp_path / "cache")
-    assert _scan(cold, url, MiB) == data
-    cold.close()
-    warm = _fs(tmp_path / "cache")
+    warm = _filled_fs(tmp_path, url, data)
     jobs = helper.jobs
     assert _scan(warm, url, read_size) == data
     stats = warm.stats()
@@ -212,10 +217,7 @@ def _wait_helper_idle() -> None:
 
 def test_the_next_blocks_plan_is_handed_over_as_a_block_is_entered(tmp_path: Path, mem_url: tuple[str, bytes]) -> None:
     url, data = mem_url
-    cold = _fs(tmp_path / "cache")
-    assert _scan(cold, url, MiB) == data
-    cold.close()
-    warm = _fs(tmp_path / "cache")
+    warm = _filled_fs(tmp_path, url, data)
     with warm.open(url, "rb") as f:
         assert f.read(MiB) == data[:MiB]
         cursor = f._cursor()
@@ -233,10 +235,7 @@ def test_the_next_blocks_plan_is_handed_over_as_a_block_is_entered(tmp_path: Pat
 
 def test_a_reader_that_leaves_early_or_jumps_cancels_the_plan_ahead(tmp_path: Path, mem_url: tuple[str, bytes]) -> None:
     url, data = mem_url
-    cold = _fs(tmp_path / "cache")
-    assert _scan(cold, url, MiB) == data
-    cold.close()
-    warm = _fs(tmp_path / "cache")
+    warm = _filled_fs(tmp_path, url, data)
     with warm.open(url, "rb") as f:
         assert f.read(MiB) == data[:MiB]
         plan_ahead = f._cursor().ahead[2]
