@@ -514,3 +514,21 @@ def test_receive_buffers_are_zeroed_disjoint_and_outlive_their_arena() -> None:
     big[-1] = 7
     assert len(big) == arena and big[0] == 0 and big[-1] == 7
     assert peercache._receive_buffers([]) == []
+
+
+def test_a_child_forked_while_the_receive_arena_is_locked_still_receives() -> None:
+    """DataLoader workers fork: a child must not inherit the arena's lock held."""
+    from shoal.transport import peercache
+
+    with peercache._ARENA._lock:
+        pid = os.fork()
+        if pid == 0:  # the child: a held lock would hang it until the alarm
+            signal.alarm(10)
+            try:
+                (buffer,) = peercache._receive_buffers([4096])
+                buffer[:] = b"x" * 4096
+                os._exit(0 if bytes(buffer) == b"x" * 4096 else 1)
+            except BaseException:
+                os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

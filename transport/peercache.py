@@ -345,6 +345,12 @@ class _ReceiveArena:
     ARENA_BYTES = 8 << 20
 
     def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # A forked child (a DataLoader worker) starts with a lock nobody holds
+        # and its own arena; pieces it inherited keep their copy-on-write pages.
         self._lock = threading.Lock()
         self._arena: memoryview | None = None
         self._used = 0
