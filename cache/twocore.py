@@ -84,6 +84,8 @@ class _Helper:
         self._pool: ThreadPoolExecutor | None = None
         self._queued = 0  # jobs submitted and not finished
         self.jobs = 0  # jobs handed over (tests and benchmarks read it)
+        # Plans made before a fork wait on the parent's thread, which the child has not got.
+        self.generation = getattr(self, "generation", 0) + 1
 
     def try_submit(self, fn: Callable[..., Any], *args: Any, queue: bool = False) -> "Future[Any] | None":
         """Run ``fn(*args)`` on the helper thread, or return None if it is busy.
@@ -145,12 +147,13 @@ class ReadPlan:
         self._order = [PendingRead(lo, hi) for lo, hi in ranges]
         self.reads = {pending.lo: pending for pending in self._order}
         self.cancelled = False
+        self.generation = helper.generation
 
     def take(self, lo: int, hi: int) -> bytes | None:
         """The verified bytes of ``[lo, hi)`` if planned (waits for them), else None."""
         pending = self.reads.pop(lo, None)
-        if pending is None or pending.hi != hi:
-            return None
+        if pending is None or pending.hi != hi or self.generation != helper.generation:
+            return None  # not planned, or planned in the parent of this forked process
         return pending.result()
 
     def cancel(self) -> None:

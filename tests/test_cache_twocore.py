@@ -303,3 +303,20 @@ def test_block_files_written_before_span_sums_still_read_verified(tmp_path: Path
     flip(path, MiB + 7)
     with pytest.raises(Corrupt, match=f"chunk {MiB // CHUNK} "):
         OpenBlock(os.open(path, os.O_RDONLY)).read(0, None)
+
+
+def test_a_plan_made_before_a_fork_is_not_waited_for_in_the_child(tmp_path: Path, busy_helper: threading.Event) -> None:
+    """The parent's helper thread does not exist in a forked child: a plan it
+    had not filled yet would never be; the child reads those ranges itself."""
+    import signal
+
+    data = payload(8 * MiB, seed=31)
+    block = sealed_block(tmp_path / "block", data)
+    plan = ReadPlan([(4 * MiB, 5 * MiB)])  # made, never handed to the (busy) helper
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        untaken = plan.take(4 * MiB, 5 * MiB) is None
+        os._exit(0 if untaken and bytes(block.read(4 * MiB, 5 * MiB)) == data[4 * MiB : 5 * MiB] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
