@@ -148,9 +148,10 @@ def read_range(handle: BinaryIO, lo: int, hi: int | None) -> tuple[memoryview, i
         return memoryview(b""), length, stored_at
     first, last = lo // chunk, (hi - 1) // chunk
     base = first * chunk
+    want = min((last + 1) * chunk, length) - base
     handle.seek(base)
-    raw = memoryview(handle.read(min((last + 1) * chunk, length) - base))
-    if len(raw) != min((last + 1) * chunk, length) - base:
+    raw = memoryview(handle.read(want))
+    if len(raw) != want:
         raise Corrupt("truncated")
     _check(raw, base, length, chunk, sums, span, spans)
     return raw[lo - base : hi - base], length, stored_at

@@ -147,6 +147,7 @@ class BlockReader(PieceFetching):
                     plan.cancel()  # the block could not be read after all
                     plan = None
             if piece is None and not fetching:
+                # Again: another thread may have announced the piece while the SSD was asked.
                 pending = self._pending_piece(key, lo, hi)
                 if pending is not None:
                     parts[index] = pending

@@ -14,7 +14,9 @@ sum per 1 MiB span, which aligned reads check with one call.)
 * a sequential reader's smaller reads share a block: as the reader enters
   the block, before its first read there, the helper is handed the later
   half of the reads of that size it will make there, and fills them while
-  the reader makes the earlier ones itself (:class:`ReadPlan`).
+  the reader makes the earlier ones itself (:class:`ReadPlan`); the next
+  block's plan is handed over at the same time, queued, so the helper works a
+  block ahead.
 
 Both fill one new ``bytes`` object in place (what ``os.pread`` does inside
 CPython, for one thread): a ``bytearray`` would need a second copy into the
