@@ -74,6 +74,9 @@ class PeerBench(bt.Bench):
         self.worker: subprocess.Popen[str] | None = None
         self.worker_address = ""
         self.admin: Any = None
+        self.pinned = bool(getattr(args, "pin", False))
+        self.worker_prefix = ["taskset", "-c", "1"] if self.pinned else []
+        self.runner_prefix = ["taskset", "-c", "0"] if self.pinned else []
 
     # -- the worker ---------------------------------------------------------------
 
@@ -90,7 +93,7 @@ class PeerBench(bt.Bench):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.code_dir), env.get("PYTHONPATH")) if p)
         self.worker_log = open(self.workdir / "worker.log", "w")
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "shoal.transport.worker", "--listen", "127.0.0.1:0",
+            [*self.worker_prefix, sys.executable, "-m", "shoal.transport.worker", "--listen", "127.0.0.1:0",
              "--cache-dir", str(self.workdir / "worker-cache"), "--secret-file", str(secret), "--transport", "tcp"],
             stdout=subprocess.PIPE, stderr=self.worker_log, text=True, env=env, cwd=self.workdir)
         assert self.worker.stdout is not None
@@ -251,6 +254,7 @@ class PeerBench(bt.Bench):
         env["loadavg_end"] = list(os.getloadavg())
         res: dict[str, Any] = {
             "command": self.args.command, "sf": self.sf, "reps": self.reps, "threads": self.threads,
+            "pinned": self.pinned,
             "quick": self.args.quick, "queries": list(self.queries), "modes": self.modes,
             "s3_server": f"SeaweedFS {env['versions'].get('seaweedfs')} on loopback",
             "proxy": {"profile": self.args.profile, "seed": self.args.seed,
@@ -346,6 +350,11 @@ def render_markdown(res: dict[str, Any]) -> str:
          f"{res['proxy']['seed']}, {res['proxy']['bandwidth_mib_s_per_connection']:g} MiB/s per connection). "
          f"Runtime {res['runtime_s'] / 60:.1f} min, started {res['started']}; {env['nproc']} vCPU, load average "
          f"{env['loadavg_start'][0]:.1f} at the start, {env['loadavg_end'][0]:.1f} at the end.", ""]
+    if res.get("pinned"):
+        L += ["Pinned (`--pin`): two machines in one. Every query process (DuckDB local, cold, local-warm, peer) "
+              "runs on CPU 0, the `shoal worker` on CPU 1: the worker's sending costs the client nothing, as "
+              "between separate machines; SeaweedFS and the proxy are not pinned (only the cold runs and the "
+              "warm-up use them).", ""]
     if not s:
         return "\n".join(L + ["No query completed in both modes."]) + "\n"
     verdict = "**PASS**" if s["pass"] else "**FAIL**"
@@ -400,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="repetitions of warm and peer per query (default 3; --quick: 2)")
     p.add_argument("--quick", action="store_true", help="SF 0.1, 2 reps")
     p.add_argument("--queries", help="comma-separated subset, e.g. q01,q06 (default: all 22)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default 2; --pin: 1)")
+    p.add_argument("--pin", action="store_true",
+                   help="two machines in one: every query process on CPU 0, the shoal worker on CPU 1 "
+                        "(with 1 DuckDB thread): sending costs the client nothing, as on separate machines")
     p.add_argument("--seed", type=int, default=1, help="proxy RNG seed")
     p.add_argument("--profile", default="s3-standard", help="proxy latency profile")
     p.add_argument("--bandwidth-mib-s", type=float, default=60.0, help="fixed per-connection bandwidth")
@@ -424,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.sf = args.sf if args.sf is not None else (0.1 if args.quick else 1.0)
     args.reps = args.reps if args.reps is not None else (2 if args.quick else 3)
+    args.threads = args.threads if args.threads is not None else (1 if args.pin else 2)
     args.command = ".venv/bin/python benchmarks/bench_peer_tpch.py" + ("" if not argv else " " + " ".join(argv))
     # What bench_tpch.Bench reads from its arguments, for the parts reused here.
     args.modes, args.executor, args.cache_options = "local,cold,warm", "local", None
@@ -434,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         args.update_results = not args.quick and not queries_given
     res = PeerBench(args).run()
     bt.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else bt.RESULTS_DIR / f"peer-tpch-sf{args.sf:g}.json"
+    out = Path(args.out) if args.out else bt.RESULTS_DIR / f"peer-tpch-sf{args.sf:g}{'-pinned' if args.pin else ''}.json"
     out.write_text(json.dumps(res, indent=1, default=str) + "\n")
     write_outputs(res, out, args.update_results)
     if res["errors"] or res["mismatches"]:

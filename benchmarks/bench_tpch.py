@@ -212,6 +212,8 @@ class Bench:
         self.sf: float = args.sf
         self.reps: int = args.reps
         self.threads: int = args.threads
+        #: A command every runner process starts under (``taskset`` when a benchmark pins CPUs).
+        self.runner_prefix: list[str] = []
         self.side_python = Path(args.side_venv) / "bin" / "python"
         self.data_dir = HERE / "data" / f"tpch-sf{self.sf:g}"
         self.prefix = f"tpch/sf{self.sf:g}"
@@ -339,7 +341,8 @@ class Bench:
         pcpu0, wcpu0 = (self.proxy.cpu() if self.proxy else 0.0), _proc_cpu(self.weed_pid)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run([str(python), str(RUNNER), json.dumps(spec)], capture_output=True, text=True,
+            proc = subprocess.run([*self.runner_prefix, str(python), str(RUNNER), json.dumps(spec)],
+                                  capture_output=True, text=True,
                                   cwd=ROOT, timeout=self.args.timeout)
         except subprocess.TimeoutExpired:
             return {"mode": mode, "query": query, "rep": rep, "error": f"timeout after {self.args.timeout}s"}
