@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 from fsspec import AbstractFileSystem
 
 from .config import CacheConfig, StoreConfig
+from .nativereads import NativeReads
 from .localcopy import Layout, LocalCopies
 from .errors import StorageConfigError, StorageError, translate_store_error
 from .reader import BlockReader, ReadCursor
@@ -379,14 +380,16 @@ class ShoalFileSystem(AbstractFileSystem):
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         self.mkdir(path)
 
-    def prefetch(self, path: str, ranges: list[tuple[int, int]]) -> int:
+    def prefetch(self, path: str, ranges: list[tuple[int, int]], *,
+                 collect: list[tuple[int, int, Any]] | None = None) -> int:
         """Start fetching, in the background, exactly the byte ``ranges`` of an
         object that are not cached yet; returns the bytes requested.  The engine
         calls it with the column chunks a query will read, so a cold scan finds
-        its bytes arriving instead of waiting on one GET after another."""
+        its bytes arriving instead of waiting on one GET after another.
+        ``collect``: see :meth:`BlockReader.prefetch_ranges`."""
         version = self.version(path)
         protocol, _ = self._split(path)
-        return self.reader.prefetch_ranges(self.source(protocol), version, ranges)
+        return self.reader.prefetch_ranges(self.source(protocol), version, ranges, collect=collect)
 
     @property
     def local_copies_directory(self) -> Path:
@@ -467,6 +470,8 @@ class ShoalFileSystem(AbstractFileSystem):
         if hedgers:  # second copies of slow store requests (see shoal.cache.hedge)
             data["store_hedged"] = sum(h.hedged for h in hedgers)
             data["store_hedge_wins"] = sum(h.hedge_wins for h in hedgers)
+        if NativeReads._instance is not None:  # DuckDB's native reads of prefetched bytes (this process)
+            data.update({f"duckdb_{name}": value for name, value in NativeReads._instance.stats().items()})
         if self.reader.peers is not None:
             data["tiers"] = self.reader.peers.stats(data)
         return data

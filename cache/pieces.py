@@ -205,10 +205,14 @@ class PieceFetching:
                           lambda: self._drop_piece(key, future))
 
     def prefetch_ranges(self, source: ObjectSource, version: ObjectVersion,
-                        ranges: Sequence[tuple[int, int]], *, gap: int = 64 << 10) -> int:
+                        ranges: Sequence[tuple[int, int]], *, gap: int = 64 << 10,
+                        collect: list[tuple[int, int, Future]] | None = None) -> int:
         """Fetch exactly these byte ranges (neighbours closer than ``gap`` merged) in
         the background, as pieces; returns the bytes requested.  Ranges already
-        cached or being fetched are skipped."""
+        cached or being fetched are skipped.  With ``collect``, every piece of
+        the ranges that will be in memory (being fetched now, already in flight,
+        or in a block held in memory) is appended as ``(start, end, future of
+        its bytes)``, object offsets; pieces on the SSD are not."""
         if not self.caches(source):
             return 0
         merged: list[list[int]] = []
@@ -228,7 +232,19 @@ class PieceFetching:
                 key = f"{object_key}:{index}"
                 with self._lock:
                     busy = key in self._inflight
-                if busy or self._memory.get(key) is not None or self._pending_piece(key, lo, hi) is not None:
+                if busy:
+                    continue
+                block = self._memory.get(key)
+                if block is not None:
+                    if collect is not None:
+                        done: Future = Future()
+                        done.set_result(memoryview(block)[lo:hi])
+                        collect.append((index * bs + lo, index * bs + hi, done))
+                    continue
+                pending = self._pending_piece(key, lo, hi)
+                if pending is not None:
+                    if collect is not None:
+                        collect.append((index * bs + lo, index * bs + hi, pending))
                     continue
                 # Pieces first: their list is usually in memory, the block lookup is a query.
                 if self.cache.has_piece(key, lo, hi) or self.cache.contains(key):
@@ -237,6 +253,8 @@ class PieceFetching:
                 requested += hi - lo
             if wanted:  # as pieces, from their owners (when there are peers) or the store
                 futures = self._register_pieces(object_key, wanted)
+                if collect is not None:
+                    collect.extend((index * bs + lo, index * bs + hi, futures[index]) for index, lo, hi in wanted)
                 if self.peers is None:
                     self._prefetch_pool.submit(self._prefetch_pieces_quietly, source, version, object_key,
                                                wanted, futures)

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import duckdb
 import pyarrow.parquet as pq
 
+from shoal.cache.nativereads import NativeReads
 from shoal.cache import ObjectNotFoundError, ObjectVersion, ShoalFileSystem
 
 from .aggregate import PartialAggregate, plan_partial_aggregate
@@ -161,14 +162,19 @@ class Planner:
         self.fs = fs
         self.catalog = catalog
         self.workers = workers
-        self.con = duckdb.connect()
+        native = NativeReads.get()
+        # Shoal's own DuckDB extension is unsigned: allowed for its LOAD only (attach turns it off).
+        self.con = duckdb.connect(config={"allow_unsigned_extensions": "true"} if native else {})
+        #: DuckDB reads prefetched bytes natively through Shoal's extension (None: through Python).
+        self.native = native if native is not None and native.attach(self.con) else None
         self.con.register_filesystem(fs)
         self.con.execute("SET enable_external_file_cache=false")
         for name, value in (settings or {}).items():
             self.con.execute(f"SET {name}={quote_literal(value)}")
         # DuckDB reads local copies of cached files itself (see shoal.cache.localcopy).
         readable = None if allowed_paths is None else (*allowed_paths, str(fs.local_copies_directory))
-        lock_down(self.con, readable, fs.protocol)
+        protocols = (*fs.protocol, "shoalpieces") if self.native is not None else fs.protocol
+        lock_down(self.con, readable, protocols)
         self.allowed_paths = allowed_paths
         self._listing_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-list")
         # Its threads now, not while a query plans (starting one waits for the GIL).

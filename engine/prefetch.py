@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoal.cache import ObjectVersion, ShoalFileSystem, StorageError
+from shoal.cache.nativereads import QueryPieces
 
 from .planner import QueryPlan, footer_range
 
@@ -80,36 +81,59 @@ def native_layout(metadata: pq.FileMetaData, size: int) -> dict[str, list[tuple[
 
 
 def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int,
-                  native: bool = False) -> dict[str, str]:
+                  native: bool = False, pieces: QueryPieces | None = None,
+                  pieces_bytes: int = 0) -> dict[str, str]:
     """Start background fetches for the plan's column chunks (and their bloom
     filters).  With ``native``, a file whose ranges are all on this SSD is not
     fetched but handed over as a local copy (:meth:`ShoalFileSystem.local_copy`):
-    returns ``{url: local path}`` of those.
+    returns ``{url: local path}`` of those.  With ``pieces`` (DuckDB has Shoal's
+    extension), the other files whose prefetched ranges fit in ``pieces_bytes``
+    are handed over as paths DuckDB reads from the prefetched memory natively
+    (:mod:`shoal.cache.nativereads`), also in the returned mapping; their column
+    chunks are then planned and registered in the background, while DuckDB
+    starts on their footers.
 
     Stops adding objects once ``max_bytes`` of column chunks are requested, so a
     query far larger than the cache's memory tier is not prefetched wholesale.
     """
-    requested = 0
     remote = remote_files(plan)
     copies = _local_copies(fs, remote, use=True) if native else {}
     # The footers of the rest, all at once (each is a round trip to the store when cold).
     rest = [(scan, version) for scan, version in remote if version.url not in copies]
     for _, version in rest:
-        fs.prefetch(version.url, [footer_range(version)])
-    for scan, version in rest:
-        if requested >= max_bytes:
-            break
-        wanted = None if scan.all_named else set(scan.columns)
-        try:
-            ranges = column_chunk_ranges(_metadata(fs, version), wanted, bloom_filters=True)
-        except (StorageError, OSError, ValueError) as exc:
-            logger.debug("no prefetch for %s: %s", version.url, exc)
-            continue
-        size = sum(end - start for start, end in ranges)
-        if requested + size > max_bytes:
-            break
-        requested += size
-        fs.prefetch(version.url, ranges)
+        footer: list[tuple[int, int, Any]] = []
+        fs.prefetch(version.url, [footer_range(version)], collect=footer if pieces is not None else None)
+        if pieces is not None:
+            # DuckDB may start on the footer while the file's chunks are planned.
+            copies[version.url] = pieces.add(version, footer, complete=False)
+
+    def chunks() -> None:
+        requested = in_memory = 0
+        for scan, version in rest:
+            if requested >= max_bytes:
+                break
+            wanted = None if scan.all_named else set(scan.columns)
+            try:
+                ranges = column_chunk_ranges(_metadata(fs, version), wanted, bloom_filters=True)
+            except (StorageError, OSError, ValueError) as exc:
+                logger.debug("no prefetch for %s: %s", version.url, exc)
+                continue
+            size = sum(end - start for start, end in ranges)
+            if requested + size > max_bytes:
+                break
+            requested += size
+            held: list[tuple[int, int, Any]] = []
+            fs.prefetch(version.url, ranges, collect=held if pieces is not None else None)
+            if pieces is not None:
+                if in_memory + size <= pieces_bytes:  # beyond it, DuckDB reads them through the cache
+                    in_memory += size
+                    pieces.extend(version, held)
+                pieces.complete(version)
+
+    if pieces is None:
+        chunks()
+    else:  # registered as their footers arrive, while DuckDB reads those footers too
+        pieces.in_background(chunks)
     return copies
 
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 from shoal.cache import (
     CacheConfig, ObjectChangedError, ShoalFileSystem, StorageConfigError, StorageError, StoreConfig, parse_size,
 )
+from shoal.cache.nativereads import PREFIX as PIECES_PREFIX
 
 from .aggregate import PARTIAL_TABLE
 from .catalog import Catalog, TableDef
@@ -411,23 +412,16 @@ class Session:
         # Fetched pieces wait on the SSD (or, without a cache, in memory) until read.
         config = self.fs.cache_config
         budget = config.size_limit // 2 if self.fs.reader.cache.available else config.memory_size // 2
-        copies = prefetch_plan(self.fs, plan, max_bytes=budget, native=plan.native)
-        profile.stages["prefetch"] = time.perf_counter() - started
+        # Prefetched bytes read natively by DuckDB (Shoal's extension), up to the memory tier's size.
+        pieces = self.planner.native.query(self.fs) if self.planner.native is not None and plan.native else None
         try:
-            table = self._run_fused(plan, copies)
-        except duckdb.Error as exc:
-            if not _local_copy_failure(exc, copies):
-                raise translate_duckdb_error(exc, self.fs.take_error()) from exc
-            # A local copy DuckDB could not read (evicted meanwhile, or a byte range
-            # it wanted that the copy lacks): the same query through the cache.
-            logger.warning("DuckDB could not use local copies of cached files (%s); reading through the cache",
-                           str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-            self.fs.reader.metrics.add(local_copy_fallbacks=1)
-            prefetch_plan(self.fs, plan, max_bytes=budget)
-            try:
-                table = self._run_fused(plan, {})
-            except duckdb.Error as again:
-                raise translate_duckdb_error(again, self.fs.take_error()) from again
+            copies = prefetch_plan(self.fs, plan, max_bytes=budget, native=plan.native, pieces=pieces,
+                                   pieces_bytes=config.memory_size)
+            profile.stages["prefetch"] = time.perf_counter() - started
+            table = self._execute_prefetched(plan, copies, budget)
+        finally:
+            if pieces is not None:
+                pieces.close()
         profile.stages["scan+finish"] = time.perf_counter() - started
         if plan.native and len(copies) < len(remote_files(plan)) and self.fs.reader.cache.available:
             # Cold files: once the cache writer has stored what this query fetched,
@@ -435,6 +429,39 @@ class Session:
             # its start (making them then cost that run up to a tenth of a second).
             self.fs.reader.after_writes(lambda: prepare_local_copies(self.fs, plan))
         return table
+
+    def _execute_prefetched(self, plan: Any, copies: dict[str, str], budget: int) -> pa.Table:
+        try:
+            return self._run_fused(plan, copies)
+        except duckdb.Error as exc:
+            in_memory = {path: url for url, path in copies.items() if path.startswith(PIECES_PREFIX)}
+            text = str(exc)
+            named = [path for path in in_memory if path in text]
+            if named and not isinstance(exc, duckdb.IOException):
+                # The bytes themselves (a file that is not Parquet, ...): said of the URL.
+                for path in named:
+                    text = text.replace(path, in_memory[path])
+                raise translate_duckdb_error(type(exc)(text), self.fs.take_error()) from exc
+            local = {url: path for url, path in copies.items() if path not in in_memory}
+            if not named and not _local_copy_failure(exc, local):
+                raise translate_duckdb_error(exc, self.fs.take_error()) from exc
+            if named:  # a read the cached filesystem could not serve: again through it, which says why
+                logger.debug("native read failed (%s); reading through the cache", text.splitlines()[0])
+                prefetch_plan(self.fs, plan, max_bytes=budget)
+                try:
+                    return self._run_fused(plan, {})
+                except duckdb.Error as again:
+                    raise translate_duckdb_error(again, self.fs.take_error()) from again
+            # A local copy DuckDB could not read (evicted meanwhile, or a byte range
+            # it wanted that the copy lacks): the same query through the cache.
+            logger.warning("DuckDB could not use local copies of cached files (%s); reading through the cache",
+                           str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            self.fs.reader.metrics.add(local_copy_fallbacks=1)
+            prefetch_plan(self.fs, plan, max_bytes=budget)
+            try:
+                return self._run_fused(plan, {})
+            except duckdb.Error as again:
+                raise translate_duckdb_error(again, self.fs.take_error()) from again
 
     def _run_fused(self, plan: Any, copies: dict[str, str]) -> pa.Table:
         """The plan's SQL on the finishing connection, each table a view over its

@@ -18,5 +18,11 @@ pip_quiet --upgrade pip
 pip_quiet torch==2.13.0
 pip_quiet -e '.[test,bench,ray,torch]'
 .venv/bin/python -c "import shoal.engine, shoal.cache, duckdb; print('shoal installed; duckdb', duckdb.__version__)"
+# Shoal's DuckDB extension (DuckDB reads prefetched bytes natively): g++ and DuckDB's
+# headers from its PyPI source package. Optional: without it DuckDB reads through Python.
+if ! command -v g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq g++ >/dev/null 2>&1 || true
+fi
+.venv/bin/python -m shoal.cache.nativebuild || true
 bash benchmarks/duckdb155_env.sh >/dev/null
 echo "side environment ready: .venv-duckdb155 (duckdb 1.5.5 + tpch/httpfs)"
