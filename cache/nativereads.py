@@ -59,10 +59,15 @@ class NativeReads:
         self._lib.shoal_pieces_drop_file.argtypes = [ctypes.c_char_p]
         self._lib.shoal_pieces_configure.argtypes = [_FALLBACK, ctypes.c_double]
         self._lib.shoal_pieces_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
-        self._queries: dict[str, QueryPieces] = {}
-        self._lock = threading.Lock()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
         self._callback = _FALLBACK(self._fallback)  # referenced: ctypes must not free it
         self._lib.shoal_pieces_configure(self._callback, 60.0)
+
+    def _reset(self) -> None:
+        # A forked child starts with a lock nobody holds and none of its parent's queries.
+        self._queries: dict[str, QueryPieces] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def get(cls) -> "NativeReads | None":

@@ -100,15 +100,20 @@ def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int,
     copies = _local_copies(fs, remote, use=True) if native else {}
     # The footers of the rest, all at once (each is a round trip to the store when cold).
     rest = [(scan, version) for scan, version in remote if version.url not in copies]
+    in_memory = 0  # of what DuckDB reads natively, all kept until the query ends
     for _, version in rest:
+        tail = footer_range(version)
+        native_file = pieces is not None and in_memory + (tail[1] - tail[0]) <= pieces_bytes
         footer: list[tuple[int, int, Any]] = []
-        fs.prefetch(version.url, [footer_range(version)], collect=footer if pieces is not None else None)
-        if pieces is not None:
+        fs.prefetch(version.url, [tail], collect=footer if native_file else None)
+        if native_file:
+            in_memory += tail[1] - tail[0]
             # DuckDB may start on the footer while the file's chunks are planned.
-            copies[version.url] = pieces.add(version, footer, complete=False)
+            copies[version.url] = pieces.add(version, footer, complete=False)  # type: ignore[union-attr]
 
     def chunks() -> None:
-        requested = in_memory = 0
+        nonlocal in_memory
+        requested = 0
         for scan, version in rest:
             if requested >= max_bytes:
                 break
@@ -122,13 +127,14 @@ def prefetch_plan(fs: ShoalFileSystem, plan: QueryPlan, *, max_bytes: int,
             if requested + size > max_bytes:
                 break
             requested += size
+            native_file = pieces is not None and version.url in copies
             held: list[tuple[int, int, Any]] = []
-            fs.prefetch(version.url, ranges, collect=held if pieces is not None else None)
-            if pieces is not None:
+            fs.prefetch(version.url, ranges, collect=held if native_file else None)
+            if native_file:
                 if in_memory + size <= pieces_bytes:  # beyond it, DuckDB reads them through the cache
                     in_memory += size
-                    pieces.extend(version, held)
-                pieces.complete(version)
+                    pieces.extend(version, held)  # type: ignore[union-attr]
+                pieces.complete(version)  # type: ignore[union-attr]
 
     if pieces is None:
         chunks()

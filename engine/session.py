@@ -423,7 +423,8 @@ class Session:
             if pieces is not None:
                 pieces.close()
         profile.stages["scan+finish"] = time.perf_counter() - started
-        if plan.native and len(copies) < len(remote_files(plan)) and self.fs.reader.cache.available:
+        local = [path for path in copies.values() if not path.startswith(PIECES_PREFIX)]
+        if plan.native and len(local) < len(remote_files(plan)) and self.fs.reader.cache.available:
             # Cold files: once the cache writer has stored what this query fetched,
             # it also makes their local copies, so the next run reads natively from
             # its start (making them then cost that run up to a tenth of a second).

@@ -25,6 +25,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <pthread.h>
 #include <unordered_map>
 #include <vector>
 
@@ -361,7 +363,24 @@ DUCKDB_EXTENSION_API void shoal_pieces_stats(uint64_t *out) {
 	out[4] = g_waits;
 }
 
+// A child forked while another thread held the registry's lock (a DataLoader worker
+// forked during a query) would wait forever on its first read: the lock is taken
+// around fork and released on both sides, and the child starts with a fresh
+// condition variable (the waiters it knew of are threads it does not have).
+static void LockForFork() {
+	g_mutex.lock();
+}
+static void UnlockInParent() {
+	g_mutex.unlock();
+}
+static void UnlockInChild() {
+	new (&g_filled) std::condition_variable();
+	g_mutex.unlock();
+}
+
 DUCKDB_CPP_EXTENSION_ENTRY(shoal_pieces, loader) {
+	static std::once_flag at_fork;
+	std::call_once(at_fork, [] { pthread_atfork(LockForFork, UnlockInParent, UnlockInChild); });
 	loader.GetDatabaseInstance().GetFileSystem().RegisterSubSystem(make_uniq<PiecesFileSystem>());
 }
 
