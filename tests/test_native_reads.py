@@ -85,7 +85,10 @@ def test_duckdb_reads_registered_ranges_natively_and_waits_for_those_in_flight()
     with NATIVE.query(store) as pieces:  # type: ignore[arg-type]
         path = pieces.add(Version(url, len(data)), [(0, third, _done(data[:third])),
                                                     (third, 2 * third, late),
-                                                    (2 * third, len(data), _done(data[2 * third:]))])
+                                                    (2 * third, len(data), _done(data[2 * third:])),
+                                                    # overlapping ones, as a footer's tail and its chunks are
+                                                    (third - 500, third + 500, _done(data[third - 500:third + 500])),
+                                                    (len(data) - 300, len(data), _done(data[-300:]))])
         # The middle third arrives while DuckDB runs.
         threading.Timer(0.3, lambda: late.set_result(memoryview(data)[third:2 * third])).start()
         result = con.execute(f"SELECT sum(a), count(DISTINCT b) FROM read_parquet('{path}')").fetchall()

@@ -47,6 +47,7 @@ struct File {
 	uint64_t size = 0;
 	std::vector<std::shared_ptr<Range>> ranges; // sorted by lo before a lookup
 	bool sorted = true;
+	uint64_t max_length = 0; // of its ranges
 	// False while Shoal may still register ranges (it plans a file's column chunks
 	// from its footer while DuckDB reads that footer): a read of bytes not
 	// registered yet waits for them until then.
@@ -82,48 +83,44 @@ public:
 	idx_t position = 0;
 };
 
+// The registered range holding byte ``position`` that reaches furthest, or null.
+std::shared_ptr<Range> Holding(File &file, uint64_t position) {
+	auto &ranges = file.ranges;
+	// Ranges may overlap (a footer's tail and the chunks in it): of those starting at or
+	// before the position, only ones starting within max_length of it can hold it.
+	auto it = std::upper_bound(ranges.begin(), ranges.end(), position,
+	                           [](uint64_t value, const std::shared_ptr<Range> &r) { return value < r->lo; });
+	std::shared_ptr<Range> best;
+	while (it != ranges.begin()) {
+		--it;
+		if ((*it)->lo + file.max_length <= position) {
+			break;
+		}
+		if ((*it)->hi > position && (!best || (*it)->hi > best->hi)) {
+			best = *it;
+		}
+	}
+	return best;
+}
+
 // The ranges covering [offset, offset + length) one after another, or empty.
 std::vector<std::shared_ptr<Range>> Cover(File &file, uint64_t offset, uint64_t length) {
-	std::vector<std::shared_ptr<Range>> out;
 	if (!file.sorted) {
 		std::sort(file.ranges.begin(), file.ranges.end(),
 		          [](const std::shared_ptr<Range> &a, const std::shared_ptr<Range> &b) { return a->lo < b->lo; });
 		file.sorted = true;
 	}
+	std::vector<std::shared_ptr<Range>> out;
 	uint64_t position = offset, end = offset + length;
-	auto &ranges = file.ranges;
-	// The last range starting at or before the position, then its neighbours.
-	auto it = std::upper_bound(ranges.begin(), ranges.end(), position,
-	                           [](uint64_t value, const std::shared_ptr<Range> &r) { return value < r->lo; });
-	if (it == ranges.begin()) {
-		return {};
+	while (position < end) {
+		auto range = Holding(file, position);
+		if (!range) {
+			return {};
+		}
+		out.push_back(range);
+		position = range->hi;
 	}
-	--it;
-	// Several ranges may start before the position (overlaps): take the one reaching furthest.
-	std::shared_ptr<Range> best;
-	for (auto back = it;; --back) {
-		if ((*back)->lo <= position && (*back)->hi > position && (!best || (*back)->hi > best->hi)) {
-			best = *back;
-		}
-		if (back == ranges.begin() || (*back)->hi + (1ULL << 30) < position) {
-			break;
-		}
-	}
-	while (best) {
-		out.push_back(best);
-		position = best->hi;
-		if (position >= end) {
-			return out;
-		}
-		std::shared_ptr<Range> next;
-		for (auto &r : ranges) { // few ranges per file reach here: chunks rarely span blocks
-			if (r->lo <= position && r->hi > position && (!next || r->hi > next->hi)) {
-				next = r;
-			}
-		}
-		best = next;
-	}
-	return {};
+	return out;
 }
 
 class PiecesFileSystem : public FileSystem {
@@ -306,6 +303,7 @@ DUCKDB_EXTENSION_API int64_t shoal_pieces_add_range(const char *path, uint64_t l
 	range->hi = hi;
 	it->second->ranges.push_back(range);
 	it->second->sorted = false;
+	it->second->max_length = std::max(it->second->max_length, hi - lo);
 	auto id = g_next_id++;
 	g_ids[id] = range;
 	if (!it->second->complete) {
