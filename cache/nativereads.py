@@ -80,8 +80,12 @@ class NativeReads:
                 path = _find_extension()
                 if path is None:
                     return None
-                _share_duckdb_symbols()
-                cls._instance = cls(path)
+                try:
+                    _share_duckdb_symbols()
+                    cls._instance = cls(path)
+                except (ImportError, OSError, AttributeError) as exc:
+                    logger.warning("cannot use %s (%s): DuckDB reads through Python", path, exc)
+                    return None
             return cls._instance
 
     def attach(self, con: "duckdb.DuckDBPyConnection") -> bool:
@@ -127,7 +131,8 @@ class NativeReads:
             ctypes.memmove(dest, data, length)
             return 0
         except BaseException as exc:  # noqa: BLE001 - never raise into C++; DuckDB reports an IO error
-            logger.warning("native read of %s failed: %s", path[:200], exc)
+            # The engine runs the query again through the cached filesystem, which raises it.
+            logger.debug("native read of %s failed: %s", path[:200], exc)
             return -1
 
 
