@@ -2,7 +2,7 @@
 
 DuckDB reads a Parquet file through a Python (fsspec) filesystem at about
 1.15x the time it takes over the same bytes on local disk, before Shoal looks
-anything up or verifies a byte (``benchmarks/tpch_fsspec_floor.py``): every
+anything up or verifies a byte (``benchmarks/tpch_peer_floor.py``, its ``fsspec`` mode): every
 read crosses into Python from DuckDB's threads.  A warm query whose bytes are
 all on this SSD can instead be handed a *local copy*: a sparse file the size
 of the object, holding at their own offsets exactly the byte ranges the query
