@@ -17,6 +17,7 @@ its Python filesystem as before.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import logging
@@ -36,7 +37,10 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "native" / "shoal_pieces.cpp"
 
 
+@functools.cache
 def _duckdb_identity() -> tuple[str, str]:
+    """The installed DuckDB's version and platform (a connection costs ~15 ms: asked
+    once per process, however many sessions look for the extension)."""
     import duckdb
 
     con = duckdb.connect()

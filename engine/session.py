@@ -448,16 +448,12 @@ class Session:
                 raise translate_duckdb_error(exc, self.fs.take_error()) from exc
             if named:  # a read the cached filesystem could not serve: again through it, which says why
                 logger.debug("native read failed (%s); reading through the cache", text.splitlines()[0])
-                prefetch_plan(self.fs, plan, max_bytes=budget)
-                try:
-                    return self._run_fused(plan, {})
-                except duckdb.Error as again:
-                    raise translate_duckdb_error(again, self.fs.take_error()) from again
-            # A local copy DuckDB could not read (evicted meanwhile, or a byte range
-            # it wanted that the copy lacks): the same query through the cache.
-            logger.warning("DuckDB could not use local copies of cached files (%s); reading through the cache",
-                           str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-            self.fs.reader.metrics.add(local_copy_fallbacks=1)
+            else:
+                # A local copy DuckDB could not read (evicted meanwhile, or a byte range
+                # it wanted that the copy lacks): the same query through the cache.
+                logger.warning("DuckDB could not use local copies of cached files (%s); reading through the cache",
+                               text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+                self.fs.reader.metrics.add(local_copy_fallbacks=1)
             prefetch_plan(self.fs, plan, max_bytes=budget)
             try:
                 return self._run_fused(plan, {})
